@@ -1,0 +1,60 @@
+"""Vectorised operations on the (covariate, treatment) groups of a minibatch."""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_index(*columns: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Group id of each row from the unique rows of the given columns.
+
+    Each column is ``(n,)`` or ``(n, k)``; they are compared exactly.
+
+    Returns
+    -------
+    ``(n,)`` int64 ids in ``[0, n_groups)`` and ``n_groups``.
+    """
+    keys = torch.cat([c.reshape(c.shape[0], -1).to(torch.float64) for c in columns], dim=1)
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    return inverse, int(inverse.max().item()) + 1 if inverse.numel() else 0
+
+
+def group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Mean of ``values`` ``(n, d)`` within each group -> ``(n_groups, d)``."""
+    sums = values.new_zeros(n_groups, values.shape[1]).index_add_(0, groups, values)
+    counts = torch.bincount(groups, minlength=n_groups).clamp(min=1).to(values.dtype)
+    return sums / counts[:, None]
+
+
+def moment_matched(
+    mean: torch.Tensor, var: torch.Tensor, groups: torch.Tensor, n_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the equal-weight mixture of the cells' Gaussians in each group."""
+    mix_mean = group_mean(mean, groups, n_groups)
+    second = group_mean(var + mean**2, groups, n_groups)
+    return mix_mean, (second - mix_mean**2).clamp(min=1e-6)
+
+
+def within_group_derangement(
+    groups: torch.Tensor, n_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random partner from the same group for every row, never the row itself.
+
+    Rows are shuffled within their group, then each row takes the next row of its group
+    (cyclically). Groups of one row have no valid partner.
+
+    Returns
+    -------
+    ``(n,)`` partner indices and a ``(n,)`` boolean mask of rows that have a valid partner.
+    """
+    n = groups.shape[0]
+    noise = torch.rand(n, device=groups.device)
+    order = torch.argsort(groups.to(torch.float64) + noise.to(torch.float64))
+    sorted_groups = groups[order]
+    counts = torch.bincount(groups, minlength=n_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(n, device=groups.device) - starts[sorted_groups]
+    next_position = starts[sorted_groups] + (position + 1) % counts[sorted_groups]
+    partner = torch.empty_like(order)
+    partner[order] = order[next_position]
+    return partner, counts[groups] > 1

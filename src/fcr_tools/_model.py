@@ -1,0 +1,648 @@
+"""FCRModel: the user-facing FCR model (setup, training, latents, counterfactuals, IO)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scvi import settings
+from scvi.data import AnnDataManager
+from scvi.data._constants import _SETUP_ARGS_KEY
+from scvi.data._utils import get_anndata_attribute
+from scvi.data.fields import (
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LayerField,
+    MuDataCategoricalJointObsField,
+    MuDataCategoricalObsField,
+    MuDataLayerField,
+)
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from ._constants import COVARIATES_KEY, LATENT_BLOCKS, TREATMENT_KEY, X_KEY
+from ._module import FCRModule
+from ._pairing import FCRDataLoader, FCRDataSplitter, treatment_encoder
+from ._training_plan import FCRTrainingPlan
+from ._treatments import TreatmentEncoder
+from ._validation import as_key_list, check_expression, check_setup_columns
+
+logger = logging.getLogger(__name__)
+
+Block = Literal["x", "t", "tx", "all"]
+
+
+def _selected_blocks(block: str | Sequence[str]) -> list[str]:
+    blocks = list(LATENT_BLOCKS) if block == "all" else as_key_list(block)
+    unknown = [b for b in blocks if b not in LATENT_BLOCKS]
+    if unknown or not blocks:
+        raise ValueError(f"block must be 'x', 't', 'tx' or 'all', got {block!r}.")
+    return blocks
+
+
+def _data_matrix(adata, layer: str | None, modality: str | None = None):
+    """The expression matrix registered from an AnnData / MuData, and a readable name."""
+    if modality is not None:
+        if modality not in adata.mod:
+            raise KeyError(f"Modality {modality!r} not found in the MuData ({list(adata.mod)}).")
+        adata = adata.mod[modality]
+    if layer is None:
+        return adata.X, "adata.X" if modality is None else f"mdata[{modality!r}].X"
+    if layer not in adata.layers:
+        raise KeyError(f"layer={layer!r} not found in adata.layers ({list(adata.layers)}).")
+    name = f"adata.layers[{layer!r}]" if modality is None else f"mdata[{modality!r}].layers"
+    return adata.layers[layer], name
+
+
+class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
+    """Factorized Causal Representations of cellular responses (Mao et al., NeurIPS 2024).
+
+    FCR learns three latent blocks per cell: z_x (context / covariates), z_t (treatment)
+    and z_tx (their interaction), with conditional priors p(z_x | x), p(z_t | t) and
+    p(z_tx | x, t), and predicts the expression of cells under treatments they did not
+    receive, including (covariate, treatment) pairs never measured.
+
+    Parameters
+    ----------
+    adata
+        AnnData / MuData registered with :meth:`setup_anndata` / :meth:`setup_mudata`.
+    registry
+        Registry of a saved model (used by :meth:`load`; leave ``None``).
+    n_latent_x, n_latent_t, n_latent_tx
+        Sizes of the covariate, treatment and interaction blocks.
+    n_hidden
+        Width of the hidden layers.
+    n_layers
+        Hidden layers of the expression encoder and of the decoder.
+    n_covariate_embed
+        Embedding size of each covariate.
+    dropout_rate
+        Dropout rate of the expression encoder.
+    likelihood
+        ``"gaussian"`` for log-normalised expression (the paper's default) or ``"nb"`` for raw
+        counts (negative binomial with the observed library size, as in scVI).
+
+    Examples
+    --------
+    >>> from fcr_tools import FCRModel
+    >>> from fcr_tools.data import simulate_screen
+    >>> adata = simulate_screen(n_cells_per_condition=10, n_genes=30)
+    >>> FCRModel.setup_anndata(
+    ...     adata, treatment_key="drug", dose_key="dose", covariate_keys="cell_line"
+    ... )
+    >>> model = FCRModel(adata, n_latent_x=4, n_latent_t=4, n_latent_tx=4)
+    >>> model.train(max_epochs=1)  # doctest: +SKIP
+    >>> model.write_latents()  # doctest: +SKIP
+    """
+
+    _module_cls = FCRModule
+    _training_plan_cls = FCRTrainingPlan
+    _data_splitter_cls = FCRDataSplitter
+
+    def __init__(
+        self,
+        adata: ad.AnnData | None = None,
+        registry: dict | None = None,
+        n_latent_x: int = 16,
+        n_latent_t: int = 16,
+        n_latent_tx: int = 16,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_covariate_embed: int = 16,
+        dropout_rate: float = 0.1,
+        likelihood: Literal["gaussian", "nb"] = "gaussian",
+    ):
+        super().__init__(adata, registry)
+        if likelihood not in ("gaussian", "nb"):
+            raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
+        for name, value in [
+            ("n_latent_x", n_latent_x),
+            ("n_latent_t", n_latent_t),
+            ("n_latent_tx", n_latent_tx),
+            ("n_hidden", n_hidden),
+            ("n_layers", n_layers),
+            ("n_covariate_embed", n_covariate_embed),
+        ]:
+            if not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if adata is not None and likelihood == "nb":
+            setup = self.registry_[_SETUP_ARGS_KEY]
+            layer = setup.get("layer", setup.get("rna_layer"))
+            modality = (setup.get("modalities") or {}).get("rna_layer")
+            matrix, name = _data_matrix(adata, layer, modality)
+            check_expression(matrix, name, counts=True)
+
+        encoder = self.treatment_encoder
+        treatments = self.get_state_registry(TREATMENT_KEY).categorical_mapping
+        self.module = FCRModule(
+            n_input=self.summary_stats.n_vars,
+            n_cats_per_cov=self._n_cats_per_cov(),
+            n_treatment_components=encoder.n_components,
+            n_treatment_categories=len(treatments),
+            control_code=list(treatments).index(encoder.control),
+            n_latent_x=n_latent_x,
+            n_latent_t=n_latent_t,
+            n_latent_tx=n_latent_tx,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_covariate_embed=n_covariate_embed,
+            dropout_rate=dropout_rate,
+            likelihood=likelihood,
+        )
+        covariates = self.covariate_keys or ["none"]
+        self._model_summary_string = (
+            f"FCRModel: {likelihood} likelihood; latent blocks x={n_latent_x}, t={n_latent_t}, "
+            f"tx={n_latent_tx}; {encoder.n_components} treatments in "
+            f"{len(treatments) - 1} treatment labels; covariates: {', '.join(covariates)}; "
+            f"{self.summary_stats.n_vars} genes."
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: ad.AnnData,
+        treatment_key: str,
+        control_treatment: str = "control",
+        covariate_keys: str | Sequence[str] | None = None,
+        dose_key: str | None = None,
+        layer: str | None = None,
+        **kwargs,
+    ):
+        """Register an AnnData for FCR.
+
+        Only scvi-tools' registry entries are added to ``adata``; nothing else is changed.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes. ``adata.X`` (or ``layer``) holds log-normalised expression for
+            ``likelihood="gaussian"`` or raw counts for ``likelihood="nb"``.
+        treatment_key
+            Categorical obs column with the treatment of each cell. Combinations are written
+            ``"drugA+drugB"``.
+        control_treatment
+            The label of control (untreated / vehicle) cells in ``treatment_key``.
+        covariate_keys
+            Categorical obs column(s) describing each cell's context: cell line, donor,
+            replicate... Every covariate group needs control cells.
+        dose_key
+            Numeric obs column of doses (for combinations, one shared number or a string
+            ``"d1+d2"``). ``None``: dose 1 for every treated cell. Doses of controls are
+            ignored. Scale doses to about [0, 1] (e.g. dose / max dose).
+        layer
+            Layer with the expression; ``None`` uses ``adata.X``.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Examples
+        --------
+        >>> from fcr_tools import FCRModel
+        >>> from fcr_tools.data import simulate_screen
+        >>> adata = simulate_screen(n_cells_per_condition=5, n_genes=20)
+        >>> FCRModel.setup_anndata(
+        ...     adata, treatment_key="drug", dose_key="dose", covariate_keys=["cell_line"]
+        ... )
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if adata.is_view:
+            raise ValueError(
+                "adata is a view (a subset of another AnnData); call adata = adata.copy() first."
+            )
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(f"adata has shape {adata.shape}: no cells or no genes.")
+        covariates = as_key_list(covariate_keys)
+        check_setup_columns(
+            lambda key: adata.obs[key],
+            list(adata.obs.columns),
+            treatment_key,
+            control_treatment,
+            covariates,
+            dose_key,
+            require_control="source_registry" not in kwargs,
+        )
+        matrix, name = _data_matrix(adata, layer)
+        check_expression(matrix, name, counts=False)
+        fields = [
+            LayerField(X_KEY, layer, is_count_data=False),
+            CategoricalObsField(TREATMENT_KEY, treatment_key),
+        ]
+        if covariates:
+            fields.append(CategoricalJointObsField(COVARIATES_KEY, covariates))
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata,
+        treatment_key: str,
+        control_treatment: str = "control",
+        covariate_keys: str | Sequence[str] | None = None,
+        dose_key: str | None = None,
+        rna_layer: str | None = None,
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ):
+        """Register a MuData for FCR (expression from one modality).
+
+        Parameters
+        ----------
+        mdata
+            MuData object.
+        treatment_key, control_treatment, covariate_keys, dose_key
+            As in :meth:`setup_anndata`; columns are read from ``mdata.obs`` or from the
+            modality given in ``modalities``.
+        rna_layer
+            Layer of the expression modality; ``None`` uses its ``.X``.
+        modalities
+            Maps argument names to modality names, e.g. ``{"rna_layer": "rna"}`` (required
+            for ``rna_layer``) or ``{"treatment_key": "rna", ...}`` for columns stored in a
+            modality's obs.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Examples
+        --------
+        >>> import mudata
+        >>> from fcr_tools import FCRModel
+        >>> from fcr_tools.data import simulate_screen
+        >>> rna = simulate_screen(n_cells_per_condition=5, n_genes=20)
+        >>> mdata = mudata.MuData({"rna": rna})
+        >>> FCRModel.setup_mudata(
+        ...     mdata,
+        ...     treatment_key="drug",
+        ...     dose_key="dose",
+        ...     covariate_keys="cell_line",
+        ...     modalities={
+        ...         "rna_layer": "rna",
+        ...         "treatment_key": "rna",
+        ...         "dose_key": "rna",
+        ...         "covariate_keys": "rna",
+        ...     },
+        ... )
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if modalities is None or "rna_layer" not in modalities:
+            raise ValueError("modalities must map 'rna_layer' to the expression modality.")
+        mods = cls._create_modalities_attr_dict(modalities, setup_method_args)
+        covariates = as_key_list(covariate_keys)
+        cov_mod = mods.covariate_keys
+        for arg in ("treatment_key", "dose_key"):
+            if mods[arg] != mods.treatment_key and locals()[arg] is not None:
+                raise ValueError("treatment_key and dose_key must be read from the same place.")
+
+        def get_column(key):
+            mod = cov_mod if key in covariates else mods.treatment_key
+            return get_anndata_attribute(mdata, "obs", key, mod_key=mod)
+
+        def columns_of(mod):
+            return list((mdata.mod[mod] if mod else mdata).obs.columns)
+
+        available = set(columns_of(mods.treatment_key)) | set(columns_of(cov_mod))
+        check_setup_columns(
+            get_column,
+            sorted(available),
+            treatment_key,
+            control_treatment,
+            covariates,
+            dose_key,
+            require_control="source_registry" not in kwargs,
+        )
+        matrix, name = _data_matrix(mdata, rna_layer, mods.rna_layer)
+        check_expression(matrix, name, counts=False)
+        fields = [
+            MuDataLayerField(
+                X_KEY, rna_layer, mod_key=mods.rna_layer, is_count_data=False, mod_required=True
+            ),
+            MuDataCategoricalObsField(TREATMENT_KEY, treatment_key, mod_key=mods.treatment_key),
+        ]
+        if covariates:
+            fields.append(
+                MuDataCategoricalJointObsField(COVARIATES_KEY, covariates, mod_key=cov_mod)
+            )
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(mdata, **kwargs)
+        cls.register_manager(manager)
+
+    # ------------------------------------------------------------------ registry facts
+    @property
+    def treatment_encoder(self) -> TreatmentEncoder:
+        """The encoder of treatment labels and doses into treatment vectors."""
+        return treatment_encoder(self.registry_)
+
+    @property
+    def treatment_key(self) -> str:
+        """The registered treatment column."""
+        return self.registry_[_SETUP_ARGS_KEY]["treatment_key"]
+
+    @property
+    def dose_key(self) -> str | None:
+        """The registered dose column (``None``: dose 1 for every treated cell)."""
+        return self.registry_[_SETUP_ARGS_KEY].get("dose_key")
+
+    @property
+    def covariate_keys(self) -> list[str]:
+        """The registered covariate columns."""
+        return as_key_list(self.registry_[_SETUP_ARGS_KEY].get("covariate_keys"))
+
+    def _n_cats_per_cov(self) -> list[int]:
+        if not self.covariate_keys:
+            return []
+        return list(self.get_state_registry(COVARIATES_KEY).n_cats_per_key)
+
+    # ------------------------------------------------------------------ data
+    def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        if adata is not None and adata is not self.adata:
+            self._check_new_data(adata)
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    def _check_new_data(self, adata) -> None:
+        """Clear errors for data that does not match the model (genes, columns, categories)."""
+        if self.get_anndata_manager(adata) is not None:
+            return
+        setup = self.registry_[_SETUP_ARGS_KEY]
+        mods = setup.get("modalities") or {}
+        genes_source = adata.mod[mods["rna_layer"]] if mods else adata
+        if genes_source.n_obs == 0:
+            raise ValueError("adata has no cells.")
+        expected = pd.Index(self.get_var_names())
+        genes = pd.Index(genes_source.var_names)
+        if not genes.equals(expected):
+            missing = expected.difference(genes)
+            if len(missing):
+                raise ValueError(
+                    f"adata lacks {len(missing)} of the model's genes (e.g. {list(missing[:5])})."
+                )
+            raise ValueError(
+                "adata's genes differ from the model's in order or number; subset and reorder "
+                "them first: adata = adata[:, model.get_var_names()].copy()."
+            )
+        checks = [(self.treatment_key, mods.get("treatment_key"), TREATMENT_KEY)]
+        checks += [(key, mods.get("covariate_keys"), key) for key in self.covariate_keys]
+        for key, mod, registry_key in checks:
+            where = (adata.mod[mod] if mod else adata).obs
+            if key not in where.columns:
+                raise KeyError(f"Column {key!r} (used by the model) not found in adata.obs.")
+            if registry_key == TREATMENT_KEY:
+                known = self.get_state_registry(TREATMENT_KEY).categorical_mapping
+            else:
+                known = self.get_state_registry(COVARIATES_KEY).mappings[key]
+            values = pd.Series(np.asarray(where[key], dtype=object))
+            if values.isna().any():
+                raise ValueError(f"obs[{key!r}] has missing values.")
+            unseen = sorted(set(values.astype(str)) - {str(k) for k in known})
+            if unseen:
+                raise ValueError(
+                    f"Category {unseen[0]!r} of obs[{key!r}] was not seen when the model was "
+                    f"trained (known: {list(known)[:10]}). Predict only for known categories."
+                )
+
+    def _loader(self, adata, indices=None, batch_size: int | None = None) -> FCRDataLoader:
+        manager = self.get_anndata_manager(adata, required=True)
+        return FCRDataLoader(
+            manager, indices=indices, batch_size=batch_size or settings.batch_size
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        batch_size: int = 256,
+        early_stopping: bool = False,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train the model.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes through the data. ``None``: scvi-tools' heuristic from the number of cells
+            (400 for 20,000 cells or fewer, fewer for larger data).
+        accelerator, devices
+            Lightning accelerator and devices (``"auto"`` uses a GPU when there is one).
+            For several GPUs pass ``strategy="ddp"`` too.
+        train_size, validation_size
+            Fractions of cells for training and validation (default 0.9 / 0.1).
+        batch_size
+            Cells per minibatch (each comes with its control partner).
+        early_stopping
+            Stop when ``early_stopping_monitor`` (default ``"validation_loss"``) stops
+            improving for ``early_stopping_patience`` epochs (default 45).
+        plan_kwargs
+            Arguments of :class:`~fcr_tools.FCRTrainingPlan`: learning rates and the weight of
+            every term of the objective.
+        datasplitter_kwargs
+            Arguments of the data splitter, e.g. ``{"external_indexing": [train, val, test]}``.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``strategy="ddp"``.
+
+        Examples
+        --------
+        >>> model.train(max_epochs=100, plan_kwargs={"adversarial_weight": 0.5})  # doctest: +SKIP
+        """
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **trainer_kwargs,
+        )
+
+    # ------------------------------------------------------------------ latents
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        block: Block | Sequence[str] = "all",
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Latent representation of each cell.
+
+        Parameters
+        ----------
+        adata
+            Data with the model's genes and columns (default: the training data).
+        indices
+            Cells to use (default all).
+        block
+            ``"x"`` (covariate), ``"t"`` (treatment), ``"tx"`` (interaction), ``"all"`` (the
+            three concatenated in that order) or a list of blocks.
+        give_mean
+            Posterior means (default) or one sample.
+        batch_size
+            Cells per minibatch.
+
+        Returns
+        -------
+        Array ``(n_cells, n_dims)``.
+
+        Examples
+        --------
+        >>> z_tx = model.get_latent_representation(block="tx")  # doctest: +SKIP
+        """
+        blocks = _selected_blocks(block)
+        adata = self._validate_anndata(adata)
+        self.module.eval()
+        parts = []
+        for tensors in self._loader(adata, indices, batch_size):
+            inputs = self.module._get_inference_input(tensors)
+            out = self.module.inference(**inputs)
+            chosen = [out[f"qz_{b}"].loc if give_mean else out[f"z_{b}"] for b in blocks]
+            parts.append(torch.cat(chosen, -1).cpu().numpy())
+        return np.concatenate(parts)
+
+    def write_latents(
+        self,
+        adata: ad.AnnData | None = None,
+        prefix: str = "X_fcr",
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> None:
+        """Write the three blocks to ``adata.obsm[f"{prefix}_x"]``, ``_t`` and ``_tx``.
+
+        Use them like any embedding, e.g. ``sc.pp.neighbors(adata, use_rep="X_fcr_x")``.
+
+        Parameters
+        ----------
+        adata
+            Data to embed and write into (default: the training data).
+        prefix
+            Prefix of the obsm keys.
+        give_mean
+            Posterior means (default) or one sample.
+        batch_size
+            Cells per minibatch.
+
+        Examples
+        --------
+        >>> model.write_latents()  # doctest: +SKIP
+        >>> sc.pp.neighbors(adata, use_rep="X_fcr_t")  # doctest: +SKIP
+        """
+        target = self.adata if adata is None else adata
+        latent = self.get_latent_representation(
+            target, block="all", give_mean=give_mean, batch_size=batch_size
+        )
+        sizes = [self.module.n_latent[b] for b in LATENT_BLOCKS]
+        split = np.split(latent, np.cumsum(sizes)[:-1], axis=1)
+        for block, values in zip(LATENT_BLOCKS, split, strict=True):
+            target.obsm[f"{prefix}_{block}"] = values
+
+    # ------------------------------------------------------------------ counterfactuals
+    @torch.inference_mode()
+    def predict_counterfactual(
+        self,
+        adata: ad.AnnData | None = None,
+        treatment: str | None = None,
+        dose: float | str | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        mode: Literal["prior", "abduction"] = "prior",
+    ) -> ad.AnnData:
+        """Expected expression of cells had they received ``treatment`` at ``dose``.
+
+        Usually called on control cells; works for any (covariate, treatment) pair whose
+        covariate and treatment were each seen in training, measured together or not.
+
+        Parameters
+        ----------
+        adata
+            Cells to transform (default: the training data), with the model's genes.
+        treatment
+            Target treatment label (a known treatment, a ``"A+B"`` combination of known
+            treatments, or the control label).
+        dose
+            Target dose (a number, or ``"d1+d2"`` for combinations). ``None``: 1.0.
+        indices
+            Cells to use (default all).
+        batch_size
+            Cells per minibatch.
+        mode
+            ``"prior"``: z_t and z_tx are the prior means of the target treatment (the
+            population response); ``"abduction"``: each cell also keeps its own deviation of
+            z_t and z_tx from the prior mean of its observed treatment.
+
+        Returns
+        -------
+        AnnData with the cells' obs_names and the model's genes. ``.X`` is the expected
+        expression on the registered data's scale: log-normalised for ``"gaussian"``; for
+        ``"nb"``, expected counts at each cell's observed library size, with the normalised
+        expression (counts per 10,000) in ``layers["normalized"]``. ``obs`` carries the target
+        treatment and dose, and the observed treatment in ``obs["source_<treatment_key>"]``.
+
+        Examples
+        --------
+        >>> controls = adata[adata.obs["drug"] == "control"].copy()  # doctest: +SKIP
+        >>> pred = model.predict_counterfactual(
+        ...     controls, treatment="drug_1", dose=1.0
+        ... )  # doctest: +SKIP
+        """
+        if treatment is None:
+            raise ValueError("treatment is required: the target treatment label.")
+        encoder = self.treatment_encoder
+        target_idx, target_dose = encoder.encode_one(str(treatment), dose)
+        adata = self._validate_anndata(adata)
+        self.module.eval()
+        loader = self._loader(adata, indices, batch_size)
+        means, scales = [], []
+        for tensors in loader:
+            n = tensors["X"].shape[0]
+            out = self.module.counterfactual(
+                tensors,
+                torch.as_tensor(np.repeat(target_idx, n, axis=0)),
+                torch.as_tensor(np.repeat(target_dose, n, axis=0)),
+                mode=mode,
+            )
+            means.append(out["mean"].cpu().numpy())
+            if "scale" in out:
+                scales.append(out["scale"].cpu().numpy())
+        rows = loader.indices
+        return self._counterfactual_anndata(
+            adata, rows, np.concatenate(means), scales, treatment, dose, mode
+        )
+
+    def _counterfactual_anndata(self, adata, rows, means, scales, treatment, dose, mode):
+        setup = self.registry_[_SETUP_ARGS_KEY]
+        mods = setup.get("modalities") or {}
+        obs_source = adata.mod[mods["treatment_key"]] if mods.get("treatment_key") else adata
+        obs = obs_source.obs.iloc[rows].copy()
+        obs = obs.loc[:, [c for c in obs.columns if not str(c).startswith("_scvi")]]
+        obs[f"source_{self.treatment_key}"] = obs.get(self.treatment_key)
+        obs[self.treatment_key] = pd.Categorical([str(treatment)] * len(obs))
+        if self.dose_key is not None:
+            obs[self.dose_key] = 1.0 if dose is None else dose
+        genes = adata.mod[mods["rna_layer"]] if mods else adata
+        result = ad.AnnData(
+            X=means.astype(np.float32), obs=obs, var=pd.DataFrame(index=genes.var_names.copy())
+        )
+        if scales:
+            result.layers["normalized"] = (np.concatenate(scales) * 1e4).astype(np.float32)
+        result.uns["fcr_counterfactual"] = {
+            "treatment": str(treatment),
+            "dose": "1.0" if dose is None else str(dose),
+            "mode": mode,
+            "likelihood": self.module.likelihood,
+        }
+        return result

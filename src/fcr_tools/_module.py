@@ -1,0 +1,415 @@
+"""FCRModule: the torch maths of FCR (inference, generative model, objective)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from scvi.distributions import NegativeBinomial
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+from torch.distributions import Normal
+from torch.nn import functional as F
+
+from ._constants import (
+    CONTROL_X_KEY,
+    COVARIATES_KEY,
+    TREATMENT_DOSE_KEY,
+    TREATMENT_IDX_KEY,
+    TREATMENT_KEY,
+    X_KEY,
+)
+from ._groups import group_index, moment_matched, within_group_derangement
+from ._nn import MLP, CovariateEmbedding, Discriminator, GaussianHead
+from ._treatments import dense_treatment
+
+_MIN_SCALE = 1e-2
+
+
+def gaussian_kl(
+    q_mean: torch.Tensor, q_var: torch.Tensor, p_mean: torch.Tensor, p_var: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(q) || N(p)) of diagonal Gaussians, summed over the last dimension."""
+    kl = 0.5 * (torch.log(p_var) - torch.log(q_var) + (q_var + (q_mean - p_mean) ** 2) / p_var - 1)
+    return kl.sum(-1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+class FCRModule(BaseModuleClass):
+    """Factorized causal representation VAE with three latent blocks.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_cats_per_cov
+        Number of categories of each covariate (empty: no covariates).
+    n_treatment_components
+        Length of the treatment vector (single treatments, control excluded).
+    n_treatment_categories
+        Number of treatment labels (control and combinations included), the classes of the
+        treatment classifier.
+    control_code
+        Code of the control label among the treatment labels.
+    n_latent_x, n_latent_t, n_latent_tx
+        Sizes of the covariate, treatment and interaction blocks.
+    n_hidden
+        Width of every hidden layer.
+    n_layers
+        Hidden layers of the expression encoder and the decoder.
+    n_covariate_embed
+        Embedding size of each covariate.
+    dropout_rate
+        Dropout in the expression encoder.
+    likelihood
+        ``"gaussian"`` for log-normalised data, ``"nb"`` for raw counts.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_cats_per_cov: Sequence[int],
+        n_treatment_components: int,
+        n_treatment_categories: int,
+        control_code: int,
+        n_latent_x: int = 16,
+        n_latent_t: int = 16,
+        n_latent_tx: int = 16,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_covariate_embed: int = 16,
+        dropout_rate: float = 0.1,
+        likelihood: Literal["gaussian", "nb"] = "gaussian",
+    ):
+        super().__init__()
+        if likelihood not in ("gaussian", "nb"):
+            raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
+        self.likelihood = likelihood
+        self.n_input = n_input
+        self.n_cats_per_cov = list(n_cats_per_cov)
+        self.n_treatment_components = n_treatment_components
+        self.control_code = control_code
+        self.n_latent = {"x": n_latent_x, "t": n_latent_t, "tx": n_latent_tx}
+        n_latent_total = n_latent_x + n_latent_t + n_latent_tx
+
+        self.covariate_embedding = CovariateEmbedding(self.n_cats_per_cov, n_covariate_embed)
+        n_cov = self.covariate_embedding.n_output
+        n_t = n_treatment_components
+
+        # q(z | x, t, y): a shared expression embedding, one head per block
+        self.expression_encoder = nn.Sequential(
+            MLP(n_input, n_hidden, n_hidden, n_layers - 1, dropout_rate),
+            nn.LayerNorm(n_hidden),
+            nn.ReLU(),
+        )
+        self.encoders = nn.ModuleDict(
+            {
+                "x": GaussianHead(n_hidden + n_cov, n_latent_x, n_hidden, 1),
+                "t": GaussianHead(n_hidden + n_t, n_latent_t, n_hidden, 1),
+                "tx": GaussianHead(n_hidden + n_cov + n_t, n_latent_tx, n_hidden, 1),
+            }
+        )
+        # p(z_x | x), p(z_t | t), p(z_tx | x, t) with k_t(t) * e_x(x); k_t has no bias so
+        # that controls (t = 0) share one interaction prior in every context.
+        self.treatment_to_covariate = nn.Linear(n_t, n_cov, bias=False)
+        self.priors = nn.ModuleDict(
+            {
+                "x": GaussianHead(n_cov, n_latent_x, n_hidden, 1),
+                "t": GaussianHead(n_t, n_latent_t, n_hidden, 1),
+                "tx": GaussianHead(n_cov, n_latent_tx, n_hidden, 1),
+            }
+        )
+        self.decoder = MLP(n_latent_total, n_input, n_hidden, n_layers)
+        # gene-wise Gaussian scale or NB inverse dispersion
+        self.px_r = nn.Parameter(torch.zeros(n_input))
+
+        # causal-structure classifiers (trained with the autoencoder)
+        self.covariate_classifiers = nn.ModuleList(
+            MLP(n_latent_x, n_cats, n_hidden, 1) for n_cats in self.n_cats_per_cov
+        )
+        self.treatment_classifier = MLP(
+            n_latent_t + n_latent_tx, n_treatment_categories, n_hidden, 1
+        )
+        # permutation discriminators (own optimizer, see FCRTrainingPlan)
+        self.discriminators = nn.ModuleDict(
+            {
+                "x": Discriminator(n_latent_x + n_latent_tx, n_hidden // 2),
+                "t": Discriminator(n_latent_t + n_latent_tx, n_hidden // 2),
+            }
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
+        x = tensors[X_KEY]
+        covs = tensors.get(COVARIATES_KEY)
+        if covs is None:
+            covs = torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device)
+        covs = covs.long()
+        t_idx = tensors[TREATMENT_IDX_KEY].long()
+        t_dose = tensors[TREATMENT_DOSE_KEY].float()
+        n_primary = x.shape[0]
+        if CONTROL_X_KEY in tensors:
+            # the control partners share the covariates and have no treatment: one pass for both
+            x = torch.cat([x, tensors[CONTROL_X_KEY]], dim=0)
+            covs = torch.cat([covs, covs], dim=0)
+            t_idx = torch.cat([t_idx, torch.full_like(t_idx, self.n_treatment_components)])
+            t_dose = torch.cat([t_dose, torch.zeros_like(t_dose)])
+        return {"x": x, "covs": covs, "t_idx": t_idx, "t_dose": t_dose, "n_primary": n_primary}
+
+    def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
+        return {"z": inference_outputs["z"], "library": inference_outputs["library"]}
+
+    # ------------------------------------------------------------------ model
+    def treatment_vector(self, t_idx: torch.Tensor, t_dose: torch.Tensor) -> torch.Tensor:
+        """Dense dose-scaled multi-hot treatment vectors."""
+        return dense_treatment(t_idx, t_dose, self.n_treatment_components)
+
+    def prior(self, e_x: torch.Tensor, t: torch.Tensor) -> dict[str, tuple]:
+        """Means and variances of the conditional priors of the three blocks."""
+        return {
+            "x": self.priors["x"](e_x),
+            "t": self.priors["t"](t),
+            "tx": self.priors["tx"](self.treatment_to_covariate(t) * e_x),
+        }
+
+    @auto_move_data
+    def inference(
+        self,
+        x: torch.Tensor,
+        covs: torch.Tensor,
+        t_idx: torch.Tensor,
+        t_dose: torch.Tensor,
+        n_primary: int | None = None,
+    ) -> dict:
+        """Posterior and prior of each block, and one sample of each."""
+        library = x.sum(-1, keepdim=True)
+        x_in = torch.log1p(x) if self.likelihood == "nb" else x
+        h = self.expression_encoder(x_in)
+        e_x = self.covariate_embedding(covs)
+        t = self.treatment_vector(t_idx, t_dose)
+        posterior = {
+            "x": self.encoders["x"](torch.cat([h, e_x], -1)),
+            "t": self.encoders["t"](torch.cat([h, t], -1)),
+            "tx": self.encoders["tx"](torch.cat([h, e_x, t], -1)),
+        }
+        prior = self.prior(e_x, t)
+        out = {"library": library, "covs": covs, "t_idx": t_idx, "t_dose": t_dose, "e_x": e_x}
+        out["n_primary"] = x.shape[0] if n_primary is None else n_primary
+        for block, (mean, var) in posterior.items():
+            out[f"qz_{block}"] = Normal(mean, var.sqrt())
+            out[f"pz_{block}"] = Normal(prior[block][0], prior[block][1].sqrt())
+            out[f"z_{block}"] = out[f"qz_{block}"].rsample()
+        out["z"] = torch.cat([out["z_x"], out["z_t"], out["z_tx"]], -1)
+        means = torch.cat([out[f"qz_{b}"].loc for b in ("x", "t", "tx")], -1)
+        scales = torch.cat([out[f"qz_{b}"].scale for b in ("x", "t", "tx")], -1)
+        out["qz"] = Normal(means, scales)
+        return out
+
+    @auto_move_data
+    def generative(self, z: torch.Tensor, library: torch.Tensor) -> dict:
+        """Likelihood of the expression given the three blocks."""
+        out = self.decoder(z)
+        if self.likelihood == "gaussian":
+            scale = F.softplus(self.px_r) + _MIN_SCALE
+            return {"px": Normal(out, scale.expand_as(out)), "px_mean": out}
+        px_scale = torch.softmax(out, dim=-1)
+        px_rate = library * px_scale
+        px = NegativeBinomial(mu=px_rate, theta=torch.exp(self.px_r).expand_as(px_rate))
+        return {"px": px, "px_scale": px_scale, "px_mean": px_rate}
+
+    # ------------------------------------------------------------------ objective
+    def _groups(self, inference_outputs: dict) -> tuple[torch.Tensor, int]:
+        """(covariate, treatment, dose) group of every row (cells and partners)."""
+        out = inference_outputs
+        return group_index(out["covs"], out["t_idx"], out["t_dose"])
+
+    def permutation_logits(
+        self, inference_outputs: dict, groups, n_groups, detach: bool = False
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Discriminator logits on same-cell pairs and within-group shuffled pairs.
+
+        For each discriminator (``"x"``: (z_x, z_tx); ``"t"``: (z_t, z_tx)) returns the logits
+        of the positives, of the negatives (z_tx taken from another cell of the same
+        covariate-treatment group) and the mask of rows that have such a cell.
+        """
+        z = {b: inference_outputs[f"z_{b}"] for b in ("x", "t", "tx")}
+        if detach:
+            z = {b: v.detach() for b, v in z.items()}
+        partner, valid = within_group_derangement(groups, n_groups)
+        logits = {}
+        for block, disc in self.discriminators.items():
+            positive = disc(z[block], z["tx"])
+            negative = disc(z[block], z["tx"][partner])
+            logits[block] = (positive, negative, valid)
+        return logits
+
+    def discriminator_loss(self, inference_outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of the discriminators on detached latents, and their accuracy."""
+        groups, n_groups = self._groups(inference_outputs)
+        logits = self.permutation_logits(inference_outputs, groups, n_groups, detach=True)
+        return _permutation_bce(logits, fool=False)
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+        reconstruction_weight: float = 1.0,
+        control_weight: float = 1.0,
+        aggregate_kl_weight: float = 1.0,
+        covariate_classifier_weight: float = 1.0,
+        treatment_classifier_weight: float = 1.0,
+        similarity_weight: float = 1.0,
+        adversarial_weight: float = 1.0,
+    ) -> LossOutput:
+        """The FCR objective for one minibatch.
+
+        The minibatch holds ``B`` cells and, during training, one control partner per cell
+        (same covariates, no treatment), stacked after them. Terms with a weight of 0 are not
+        computed.
+        """
+        out = inference_outputs
+        b = out["n_primary"]
+        paired = out["z"].shape[0] > b
+        x = torch.cat([tensors[X_KEY], tensors[CONTROL_X_KEY]]) if paired else tensors[X_KEY]
+
+        nll = -generative_outputs["px"].log_prob(x).sum(-1)
+        kl = sum(
+            gaussian_kl(
+                out[f"qz_{k}"].loc,
+                out[f"qz_{k}"].scale ** 2,
+                out[f"pz_{k}"].loc,
+                out[f"pz_{k}"].scale ** 2,
+            )
+            for k in ("x", "t", "tx")
+        )
+        rec_cell, kl_cell = nll[:b], kl[:b]
+        if paired and control_weight > 0:
+            rec_cell = rec_cell + control_weight * nll[b:]
+            kl_cell = kl_cell + control_weight * kl[b:]
+        loss = reconstruction_weight * rec_cell.mean() + kl_weight * kl_cell.mean()
+        metrics = {"nll_cell": nll[:b].mean().detach(), "kl_cell": kl[:b].mean().detach()}
+
+        need_groups = aggregate_kl_weight > 0 or adversarial_weight > 0
+        groups, n_groups = self._groups(out) if need_groups else (None, 0)
+
+        if aggregate_kl_weight > 0:
+            agg = 0.0
+            for k in ("x", "t", "tx"):
+                q_m, q_v = moment_matched(
+                    out[f"qz_{k}"].loc, out[f"qz_{k}"].scale ** 2, groups, n_groups
+                )
+                p_m, p_v = moment_matched(
+                    out[f"pz_{k}"].loc, out[f"pz_{k}"].scale ** 2, groups, n_groups
+                )
+                agg = agg + gaussian_kl(q_m, q_v, p_m, p_v).mean()
+            loss = loss + aggregate_kl_weight * kl_weight * agg
+            metrics["aggregate_kl"] = agg.detach()
+
+        if covariate_classifier_weight > 0 and self.covariate_classifiers:
+            ce = sum(
+                F.cross_entropy(clf(out["z_x"]), out["covs"][:, i])
+                for i, clf in enumerate(self.covariate_classifiers)
+            ) / len(self.covariate_classifiers)
+            loss = loss + covariate_classifier_weight * ce
+            metrics["covariate_ce"] = ce.detach()
+
+        if treatment_classifier_weight > 0:
+            labels = tensors[TREATMENT_KEY].reshape(-1).long()
+            if paired:
+                labels = torch.cat([labels, torch.full_like(labels, self.control_code)])
+            logits = self.treatment_classifier(torch.cat([out["z_t"], out["z_tx"]], -1))
+            ce = F.cross_entropy(logits, labels)
+            loss = loss + treatment_classifier_weight * ce
+            metrics["treatment_ce"] = ce.detach()
+
+        if similarity_weight > 0 and paired:
+            treated = (out["t_dose"][:b] > 0).any(-1)
+            mean_x, mean_t = out["qz_x"].loc, out["qz_t"].loc
+            sim = F.cosine_similarity(mean_t[:b], mean_t[b:], dim=-1) - F.cosine_similarity(
+                mean_x[:b], mean_x[b:], dim=-1
+            )
+            sim = _masked_mean(sim, treated)
+            loss = loss + similarity_weight * sim
+            metrics["similarity"] = sim.detach()
+
+        if adversarial_weight > 0:
+            logits = self.permutation_logits(out, groups, n_groups)
+            fool, _ = _permutation_bce(logits, fool=True)
+            _, accuracy = _permutation_bce(
+                {k: tuple(v.detach() for v in val) for k, val in logits.items()}, fool=False
+            )
+            loss = loss + adversarial_weight * fool
+            metrics["adversarial"] = fool.detach()
+            metrics["discriminator_accuracy"] = accuracy
+
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=rec_cell,
+            kl_local=kl_cell,
+            extra_metrics=metrics,
+        )
+
+    # ------------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def counterfactual(
+        self,
+        tensors: dict[str, torch.Tensor],
+        target_idx: torch.Tensor,
+        target_dose: torch.Tensor,
+        mode: Literal["prior", "abduction"] = "prior",
+    ) -> dict[str, torch.Tensor]:
+        """Expected expression of the cells under a target treatment.
+
+        z_x is the posterior mean of each cell. In ``"prior"`` mode z_t and z_tx are the prior
+        means under the target treatment; in ``"abduction"`` mode each cell also keeps its own
+        deviation from the prior mean of its observed treatment.
+        """
+        inputs = self._get_inference_input(tensors)
+        inputs.pop("n_primary")
+        out = self.inference(**inputs)
+        device = out["e_x"].device
+        t_new = self.treatment_vector(target_idx.to(device), target_dose.to(device).float())
+        prior = self.prior(out["e_x"], t_new)
+        z_t, z_tx = prior["t"][0], prior["tx"][0]
+        if mode == "abduction":
+            z_t = z_t + out["qz_t"].loc - out["pz_t"].loc
+            z_tx = z_tx + out["qz_tx"].loc - out["pz_tx"].loc
+        elif mode != "prior":
+            raise ValueError(f"mode must be 'prior' or 'abduction', not {mode!r}.")
+        z = torch.cat([out["qz_x"].loc, z_t, z_tx], -1)
+        gen = self.generative(z, out["library"])
+        result = {"mean": gen["px_mean"]}
+        if self.likelihood == "nb":
+            result["scale"] = gen["px_scale"]
+        return result
+
+
+def _permutation_bce(
+    logits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], fool: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary cross-entropy of the discriminators (positives = 1) or of fooling them (flipped).
+
+    Returns the loss summed over discriminators and the accuracy averaged over them.
+    """
+    total, accuracy = 0.0, 0.0
+    for positive, negative, valid in logits.values():
+        if not valid.any():
+            zero = positive.sum() * 0.0
+            total, accuracy = total + zero, accuracy + 0.5
+            continue
+        pos, neg = positive[valid], negative[valid]
+        pos_target = torch.zeros_like(pos) if fool else torch.ones_like(pos)
+        loss = F.binary_cross_entropy_with_logits(pos, pos_target)
+        loss = loss + F.binary_cross_entropy_with_logits(neg, 1 - pos_target)
+        total = total + loss / 2
+        correct = torch.cat([pos > 0, neg <= 0]).float().mean()
+        accuracy = accuracy + correct
+    n = len(logits)
+    return total, torch.as_tensor(accuracy / n).detach()

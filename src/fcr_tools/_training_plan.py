@@ -1,0 +1,189 @@
+"""FCRTrainingPlan: alternating autoencoder and permutation-discriminator updates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scvi.train import TrainingPlan
+
+from ._module import FCRModule
+
+LOSS_WEIGHTS = (
+    "reconstruction_weight",
+    "control_weight",
+    "aggregate_kl_weight",
+    "covariate_classifier_weight",
+    "treatment_classifier_weight",
+    "similarity_weight",
+    "adversarial_weight",
+)
+
+
+class FCRTrainingPlan(TrainingPlan):
+    """Lightning module that trains an :class:`~fcr_tools.FCRModule`.
+
+    Each step first updates the encoders, priors, decoder and classifiers on the full FCR
+    objective (the encoders play against the discriminators), then takes
+    ``n_discriminator_steps`` updates of the two permutation discriminators, on the same
+    minibatch's latents detached from the encoder.
+
+    Parameters
+    ----------
+    module
+        The FCR module.
+    lr, weight_decay, eps
+        Adam settings of the autoencoder optimizer.
+    discriminator_lr
+        Learning rate of the discriminators' Adam optimizer.
+    n_discriminator_steps
+        Discriminator updates per autoencoder update (0 disables their training).
+    gradient_clip_val
+        Clip the gradient norm of each optimizer's parameters to this value (``None``: off).
+    n_epochs_kl_warmup, n_steps_kl_warmup, max_kl_weight, min_kl_weight
+        KL warm-up as in :class:`scvi.train.TrainingPlan`; ``max_kl_weight`` is the weight of
+        the KL terms.
+    reconstruction_weight
+        Weight of the reconstruction negative log-likelihood.
+    control_weight
+        Weight of the control partner's reconstruction and KL, relative to the cell's.
+    aggregate_kl_weight
+        Weight of the per-condition (moment-matched) KL.
+    covariate_classifier_weight
+        Weight of the covariate classifiers on z_x.
+    treatment_classifier_weight
+        Weight of the treatment classifier on (z_t, z_tx).
+    similarity_weight
+        Weight of the similarity term cos(z_t, z_t0) - cos(z_x, z_x0).
+    adversarial_weight
+        Weight of the encoder's loss against the permutation discriminators.
+    **kwargs
+        Other :class:`scvi.train.TrainingPlan` arguments.
+    """
+
+    def __init__(
+        self,
+        module: FCRModule,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        eps: float = 0.01,
+        discriminator_lr: float = 1e-3,
+        n_discriminator_steps: int = 1,
+        gradient_clip_val: float | None = 50.0,
+        n_epochs_kl_warmup: int | None = 10,
+        n_steps_kl_warmup: int | None = None,
+        max_kl_weight: float = 1.0,
+        min_kl_weight: float = 0.0,
+        reconstruction_weight: float = 1.0,
+        control_weight: float = 1.0,
+        aggregate_kl_weight: float = 1.0,
+        covariate_classifier_weight: float = 1.0,
+        treatment_classifier_weight: float = 1.0,
+        similarity_weight: float = 1.0,
+        adversarial_weight: float = 1.0,
+        **kwargs,
+    ):
+        weights = {name: value for name, value in locals().items() if name in LOSS_WEIGHTS}
+        for name, value in weights.items():
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if n_discriminator_steps < 0:
+            raise ValueError("n_discriminator_steps must be >= 0.")
+        if kwargs.get("reduce_lr_on_plateau"):
+            raise ValueError("reduce_lr_on_plateau is not supported by FCRTrainingPlan.")
+        super().__init__(
+            module,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            n_epochs_kl_warmup=n_epochs_kl_warmup,
+            n_steps_kl_warmup=n_steps_kl_warmup,
+            max_kl_weight=max_kl_weight,
+            min_kl_weight=min_kl_weight,
+            **weights,
+            **kwargs,
+        )
+        self.discriminator_lr = discriminator_lr
+        self.n_discriminator_steps = n_discriminator_steps
+        self.gradient_clip_val = gradient_clip_val
+        self.automatic_optimization = False
+
+    @property
+    def _train_discriminators(self) -> bool:
+        return self.n_discriminator_steps > 0 and self.loss_kwargs["adversarial_weight"] > 0
+
+    def configure_optimizers(self):
+        """One Adam optimizer for the autoencoder, one for the discriminators."""
+        disc_ids = {id(p) for p in self.module.discriminators.parameters()}
+        ae_params = [
+            p for p in self.module.parameters() if p.requires_grad and id(p) not in disc_ids
+        ]
+        ae = self.get_optimizer_creator()(ae_params)
+        disc_params = [p for p in self.module.discriminators.parameters() if p.requires_grad]
+        if not disc_params:
+            return ae
+        disc = torch.optim.Adam(
+            disc_params, lr=self.discriminator_lr, eps=self.eps, weight_decay=self.weight_decay
+        )
+        return [ae, disc]
+
+    def _optimizers(self):
+        opts = self.optimizers()
+        if isinstance(opts, list | tuple):
+            return opts[0], opts[1]
+        return opts, None
+
+    def _check_finite(self, loss: torch.Tensor, what: str):
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The {what} loss became {loss.item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step}. Try a lower learning rate (plan_kwargs={{'lr': ...}}), "
+                "gradient clipping (plan_kwargs={'gradient_clip_val': ...}), a lower "
+                "adversarial_weight, and check that the data match the likelihood "
+                "(log-normalised for 'gaussian', raw counts for 'nb')."
+            )
+
+    def training_step(self, batch, batch_idx):
+        """One autoencoder update, then the discriminator updates."""
+        kl_weight = self.kl_weight
+        self.loss_kwargs.update({"kl_weight": kl_weight})
+        self.log("kl_weight", kl_weight, on_step=True, on_epoch=False)
+        opt_ae, opt_disc = self._optimizers()
+
+        inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        loss = loss_output.loss
+        self._check_finite(loss, "training")
+        opt_ae.zero_grad()
+        self.manual_backward(loss)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(opt_ae, gradient_clip_val=self.gradient_clip_val)
+        opt_ae.step()
+
+        self.log(
+            "train_loss",
+            loss.detach(),
+            on_step=self.on_step,
+            on_epoch=self.on_epoch,
+            prog_bar=True,
+            sync_dist=self.use_sync_dist,
+        )
+        self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
+
+        if opt_disc is not None and self._train_discriminators:
+            for _ in range(self.n_discriminator_steps):
+                disc_loss, _ = self.module.discriminator_loss(inference_outputs)
+                self._check_finite(disc_loss, "discriminator")
+                opt_disc.zero_grad()
+                self.manual_backward(disc_loss)
+                if self.gradient_clip_val is not None:
+                    self.clip_gradients(opt_disc, gradient_clip_val=self.gradient_clip_val)
+                opt_disc.step()
+            self.log(
+                "discriminator_loss_train",
+                disc_loss.detach(),
+                on_step=self.on_step,
+                on_epoch=self.on_epoch,
+                sync_dist=self.use_sync_dist,
+            )
+        return loss.detach()

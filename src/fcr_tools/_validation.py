@@ -1,0 +1,150 @@
+"""Checks of user input, each failing with a message that names the culprit."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from ._treatments import TreatmentEncoder
+
+_CHUNK_ROWS = 10_000
+
+
+def as_key_list(keys: str | Sequence[str] | None) -> list[str]:
+    """Normalise a column argument given as ``None``, one name or a list of names."""
+    if keys is None:
+        return []
+    if isinstance(keys, str):
+        return [keys]
+    keys = list(keys)
+    if not all(isinstance(k, str) for k in keys):
+        raise TypeError(f"Column names must be strings, got {keys!r}.")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"Column names are repeated: {keys!r}.")
+    return keys
+
+
+def require_column(columns: Sequence[str], key: str, argument: str, where: str = "obs"):
+    """Fail with close matches when ``key`` is not among ``columns``."""
+    if key in columns:
+        return
+    close = difflib.get_close_matches(key, [str(c) for c in columns], n=3)
+    hint = f" Did you mean {close}?" if close else ""
+    raise KeyError(f"{argument}={key!r}: column {key!r} not found in {where}.{hint}")
+
+
+def _iter_row_chunks(matrix):
+    for start in range(0, matrix.shape[0], _CHUNK_ROWS):
+        chunk = matrix[start : start + _CHUNK_ROWS]
+        values = chunk.data if sparse.issparse(chunk) else np.asarray(chunk)
+        yield start, values
+
+
+def check_expression(matrix, name: str, counts: bool) -> None:
+    """Check an expression matrix: finite values; with ``counts``, non-negative integers.
+
+    Works chunk by chunk, so a large dense or sparse matrix is never copied whole.
+    """
+    if matrix is None:
+        raise ValueError(f"{name} is empty (None).")
+    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise ValueError(f"{name} has shape {tuple(matrix.shape)}: no cells or no genes.")
+    for start, values in _iter_row_chunks(matrix):
+        if values.dtype.kind not in "biuf":
+            raise TypeError(f"{name} has non-numeric dtype {values.dtype}.")
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ValueError(
+                f"{name} contains NaN or infinite values (first in rows {start}.."
+                f"{start + _CHUNK_ROWS - 1}). Remove or impute them before setup."
+            )
+        if counts:
+            if (values < 0).any():
+                raise ValueError(
+                    f"{name} has negative values, but likelihood='nb' needs raw counts. Register "
+                    "the counts layer (layer='counts') or use likelihood='gaussian' for "
+                    "log-normalised data."
+                )
+            if values.dtype.kind == "f" and (np.round(values) != values).any():
+                raise ValueError(
+                    f"{name} has non-integer values, but likelihood='nb' needs raw counts. "
+                    "Register the counts layer (layer='counts') or use likelihood='gaussian' "
+                    "for log-normalised data."
+                )
+
+
+def check_setup_columns(
+    get_column: Callable[[str], pd.Series | np.ndarray],
+    columns: Sequence[str],
+    treatment_key: str,
+    control_treatment: str,
+    covariate_keys: list[str],
+    dose_key: str | None,
+    require_control: bool = True,
+) -> None:
+    """Validate the obs columns named in ``setup_anndata``.
+
+    Parameters
+    ----------
+    get_column
+        Returns the values of a column by name (any shape with one value per cell).
+    columns
+        The names of the available columns.
+    require_control
+        Whether the control category must be present (not needed when replaying a saved setup
+        on new data for prediction).
+    """
+    require_column(columns, treatment_key, "treatment_key")
+    for key in covariate_keys:
+        require_column(columns, key, "covariate_keys")
+    if dose_key is not None:
+        require_column(columns, dose_key, "dose_key")
+    if treatment_key in covariate_keys:
+        raise ValueError(f"Column {treatment_key!r} is both the treatment and a covariate.")
+    if dose_key is not None and (dose_key == treatment_key or dose_key in covariate_keys):
+        raise ValueError(f"Column {dose_key!r} cannot be the dose and a category at once.")
+
+    def column(key: str) -> pd.Series:
+        values = get_column(key)
+        if isinstance(values, pd.Series):
+            return values.reset_index(drop=True)
+        return pd.Series(np.asarray(values).ravel())
+
+    treatments = column(treatment_key).astype(object)
+    if treatments.isna().any():
+        raise ValueError(
+            f"obs[{treatment_key!r}] has {int(treatments.isna().sum())} missing values; label "
+            f"every cell (controls as {control_treatment!r})."
+        )
+    treatments = treatments.astype(str)
+    labels = pd.unique(treatments)
+    if require_control and control_treatment not in labels:
+        shown = sorted(labels)[:10]
+        raise ValueError(
+            f"Control category {control_treatment!r} not found in obs[{treatment_key!r}] "
+            f"(categories include {shown}). Pass control_treatment=... with the label of your "
+            "control cells."
+        )
+    if require_control and len(labels) == 1:
+        raise ValueError(
+            f"obs[{treatment_key!r}] contains only the control {control_treatment!r}: FCR needs "
+            "treated cells."
+        )
+    for key in covariate_keys:
+        values = column(key)
+        if values.isna().any():
+            raise ValueError(
+                f"Covariate obs[{key!r}] has {int(values.isna().sum())} missing values."
+            )
+    encoder = TreatmentEncoder.from_labels(list(labels), control_treatment)
+    doses = None
+    if dose_key is not None:
+        doses = column(dose_key)
+        if pd.api.types.is_bool_dtype(doses):
+            raise ValueError(f"Dose column obs[{dose_key!r}] is boolean; it must hold numbers.")
+        doses = doses.to_numpy(dtype=object)
+    # parses every (treatment, dose) pair: non-numeric, NaN, negative doses fail here
+    encoder.encode(treatments.to_numpy(), doses, dose_column=dose_key)
