@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data
+from . import baselines, data, metrics, pl
 from ._model import FCRModel
 from ._module import FCRModule
 from ._training_plan import FCRTrainingPlan
@@ -12,4 +12,13 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["FCRModel", "FCRModule", "FCRTrainingPlan", "__version__", "data"]
+__all__ = [
+    "FCRModel",
+    "FCRModule",
+    "FCRTrainingPlan",
+    "__version__",
+    "baselines",
+    "data",
+    "metrics",
+    "pl",
+]
