@@ -44,6 +44,50 @@ def _selected_blocks(block: str | Sequence[str]) -> list[str]:
     return blocks
 
 
+def _check_genes(genes, expected) -> None:
+    """Fail unless ``genes`` are the model's genes in the model's order."""
+    expected, genes = pd.Index(expected), pd.Index(genes)
+    if not genes.equals(expected):
+        missing = expected.difference(genes)
+        if len(missing):
+            raise ValueError(
+                f"adata lacks {len(missing)} of the model's genes (e.g. {list(missing[:5])})."
+            )
+        raise ValueError(
+            "adata's genes differ from the model's in order or number; subset and reorder "
+            "them first: adata = adata[:, model.get_var_names()].copy()."
+        )
+
+
+def _check_source_genes(genes, kwargs: dict) -> None:
+    """When a saved model is loaded onto data, check its genes (scvi-tools only warns)."""
+    registry = kwargs.get("source_registry")
+    if registry is None:
+        return
+    state = registry["field_registries"][X_KEY]["state_registry"]
+    if state.get("column_names") is not None:
+        _check_genes(genes, state["column_names"])
+
+
+def _recode_covariates(manager: AnnDataManager) -> None:
+    """Give covariates transferred from a model's registry the model's category codes.
+
+    scvi-tools keeps the data's own codes when a categorical covariate lists the model's
+    categories in another order (pandas deems the two dtypes equal), which silently swaps
+    covariate groups; recode them in the registry's copy (``_scvi_extra_categorical_covs``).
+    """
+    if COVARIATES_KEY not in manager.data_registry:
+        return
+    state = manager.get_state_registry(COVARIATES_KEY)
+    registered = manager.get_from_registry(COVARIATES_KEY)
+    mod = (manager.registry[_SETUP_ARGS_KEY].get("modalities") or {}).get("covariate_keys")
+    for key in state.field_keys:
+        values = get_anndata_attribute(manager.adata, "obs", key, mod_key=mod)
+        codes = pd.Categorical(np.asarray(values, dtype=object).ravel(), state.mappings[key]).codes
+        if (codes >= 0).all() and not np.array_equal(registered[key].to_numpy(), codes):
+            registered[key] = codes
+
+
 def _data_matrix(adata, layer: str | None, modality: str | None = None):
     """The expression matrix registered from an AnnData / MuData, and a readable name."""
     if modality is not None:
@@ -216,6 +260,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             )
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise ValueError(f"adata has shape {adata.shape}: no cells or no genes.")
+        _check_source_genes(adata.var_names, kwargs)
         covariates = as_key_list(covariate_keys)
         check_setup_columns(
             lambda key: adata.obs[key],
@@ -236,6 +281,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             fields.append(CategoricalJointObsField(COVARIATES_KEY, covariates))
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
+        if "source_registry" in kwargs:
+            _recode_covariates(manager)
         cls.register_manager(manager)
 
     @classmethod
@@ -292,6 +339,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         if modalities is None or "rna_layer" not in modalities:
             raise ValueError("modalities must map 'rna_layer' to the expression modality.")
         mods = cls._create_modalities_attr_dict(modalities, setup_method_args)
+        if mods.rna_layer in mdata.mod:
+            _check_source_genes(mdata.mod[mods.rna_layer].var_names, kwargs)
         covariates = as_key_list(covariate_keys)
         cov_mod = mods.covariate_keys
         for arg in ("treatment_key", "dose_key"):
@@ -329,6 +378,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             )
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(mdata, **kwargs)
+        if "source_registry" in kwargs:
+            _recode_covariates(manager)
         cls.register_manager(manager)
 
     # ------------------------------------------------------------------ registry facts
@@ -344,7 +395,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     @property
     def dose_key(self) -> str | None:
-        """The registered dose column (``None``: dose 1 for every treated cell)."""
+        """The registered dose column, or ``None`` (dose 1 for every treated cell)."""
         return self.registry_[_SETUP_ARGS_KEY].get("dose_key")
 
     @property
@@ -359,9 +410,19 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     # ------------------------------------------------------------------ data
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        if adata is None and self.adata is None:
+            raise ValueError(
+                "This model was loaded without data: pass adata=... (with the model's genes "
+                "and obs columns)."
+            )
+        transfer = False
         if adata is not None and adata is not self.adata:
+            transfer = self.get_anndata_manager(adata) is None
             self._check_new_data(adata)
-        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        if transfer:
+            _recode_covariates(self.get_anndata_manager(adata, required=True))
+        return adata
 
     def _check_new_data(self, adata) -> None:
         """Clear errors for data that does not match the model (genes, columns, categories)."""
@@ -372,18 +433,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         genes_source = adata.mod[mods["rna_layer"]] if mods else adata
         if genes_source.n_obs == 0:
             raise ValueError("adata has no cells.")
-        expected = pd.Index(self.get_var_names())
-        genes = pd.Index(genes_source.var_names)
-        if not genes.equals(expected):
-            missing = expected.difference(genes)
-            if len(missing):
-                raise ValueError(
-                    f"adata lacks {len(missing)} of the model's genes (e.g. {list(missing[:5])})."
-                )
-            raise ValueError(
-                "adata's genes differ from the model's in order or number; subset and reorder "
-                "them first: adata = adata[:, model.get_var_names()].copy()."
-            )
+        expected = self.get_var_names()
+        if isinstance(expected, dict):  # MuData: the genes of each modality
+            expected = expected[mods["rna_layer"]]
+        _check_genes(genes_source.var_names, expected)
         checks = [(self.treatment_key, mods.get("treatment_key"), TREATMENT_KEY)]
         checks += [(key, mods.get("covariate_keys"), key) for key in self.covariate_keys]
         for key, mod, registry_key in checks:
@@ -405,6 +458,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
                 )
 
     def _loader(self, adata, indices=None, batch_size: int | None = None) -> FCRDataLoader:
+        if indices is not None and len(indices) == 0:
+            raise ValueError("indices is empty: select at least one cell.")
         manager = self.get_anndata_manager(adata, required=True)
         return FCRDataLoader(
             manager, indices=indices, batch_size=batch_size or settings.batch_size
@@ -631,8 +686,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         obs = obs.loc[:, [c for c in obs.columns if not str(c).startswith("_scvi")]]
         obs[f"source_{self.treatment_key}"] = obs.get(self.treatment_key)
         obs[self.treatment_key] = pd.Categorical([str(treatment)] * len(obs))
+        is_control = str(treatment) == self.treatment_encoder.control
+        if dose is None:
+            dose = 0.0 if is_control else 1.0
         if self.dose_key is not None:
-            obs[self.dose_key] = 1.0 if dose is None else dose
+            obs[self.dose_key] = dose
         genes = adata.mod[mods["rna_layer"]] if mods else adata
         result = ad.AnnData(
             X=means.astype(np.float32), obs=obs, var=pd.DataFrame(index=genes.var_names.copy())
@@ -641,7 +699,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             result.layers["normalized"] = (np.concatenate(scales) * 1e4).astype(np.float32)
         result.uns["fcr_counterfactual"] = {
             "treatment": str(treatment),
-            "dose": "1.0" if dose is None else str(dose),
+            "dose": str(dose),
             "mode": mode,
             "likelihood": self.module.likelihood,
         }

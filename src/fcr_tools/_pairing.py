@@ -269,8 +269,10 @@ class FCRDataSplitter(DataSplitter):
         return self._loader(self.train_idx, shuffle=True, drop_last=self.drop_last, pair=True)
 
     def val_dataloader(self):
-        """Validation minibatches with control partners."""
-        return self._loader(self.val_idx, shuffle=False, drop_last=False, pair=True)
+        """Validation minibatches with control partners (none without validation cells)."""
+        loader = self._loader(self.val_idx, shuffle=False, drop_last=False, pair=True)
+        # FCRModel.train validates every epoch; Lightning rejects None but skips an empty list
+        return [] if loader is None else loader
 
     def test_dataloader(self):
         """Test minibatches with control partners."""

@@ -58,8 +58,9 @@ def check_expression(matrix, name: str, counts: bool) -> None:
             raise TypeError(f"{name} has non-numeric dtype {values.dtype}.")
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise ValueError(
-                f"{name} contains NaN or infinite values (first in rows {start}.."
-                f"{start + _CHUNK_ROWS - 1}). Remove or impute them before setup."
+                f"{name} contains NaN or infinite values (in rows {start}.."
+                f"{min(start + _CHUNK_ROWS, matrix.shape[0]) - 1}). Remove or impute them "
+                "before setup."
             )
         if counts:
             if (values < 0).any():

@@ -1,0 +1,140 @@
+"""Group operations of a minibatch: ids, means, moment matching, within-group derangements."""
+
+import numpy as np
+import pytest
+import torch
+
+from fcr_tools._groups import group_index, group_mean, moment_matched, within_group_derangement
+
+
+def _numpy_groups(*columns):
+    keys = np.concatenate(
+        [np.asarray(c, dtype=np.float64).reshape(len(c), -1) for c in columns], 1
+    )
+    return [tuple(row) for row in keys]
+
+
+def test_group_index_matches_unique_rows():
+    rng = np.random.default_rng(0)
+    covs = torch.as_tensor(rng.integers(0, 3, (50, 2)))
+    t_idx = torch.as_tensor(rng.integers(0, 4, (50, 2)))
+    t_dose = torch.as_tensor(rng.choice([0.0, 0.1, 1.0], (50, 2)).astype(np.float32))
+    groups, n_groups = group_index(covs, t_idx, t_dose)
+    assert groups.dtype == torch.int64 and groups.shape == (50,)
+    keys = _numpy_groups(covs.numpy(), t_idx.numpy(), t_dose.numpy())
+    assert n_groups == len(set(keys))
+    assert set(groups.tolist()) == set(range(n_groups))
+    for i in range(50):
+        for j in range(50):
+            assert (groups[i] == groups[j]).item() == (keys[i] == keys[j])
+
+
+def test_group_index_one_dimensional_columns():
+    groups, n_groups = group_index(torch.tensor([3, 1, 3, 2]), torch.tensor([0.5, 0.5, 0.5, 0.5]))
+    assert n_groups == 3
+    assert groups[0] == groups[2]
+    assert len({groups[0].item(), groups[1].item(), groups[3].item()}) == 3
+
+
+def test_group_index_distinguishes_close_doses():
+    groups, n_groups = group_index(torch.tensor([0.3, 0.30001, 0.3], dtype=torch.float32))
+    assert n_groups == 2
+    assert groups[0] == groups[2] != groups[1]
+
+
+def test_group_mean_against_numpy():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(40, 3))
+    groups = rng.integers(0, 5, 40)
+    groups[:5] = np.arange(5)  # every group present
+    out = group_mean(torch.as_tensor(values), torch.as_tensor(groups), 5).numpy()
+    expected = np.stack([values[groups == g].mean(0) for g in range(5)])
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
+def test_group_mean_empty_group_is_zero():
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    out = group_mean(values, torch.tensor([0, 2]), 3)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 4.0]]))
+
+
+def test_moment_matched_against_numpy():
+    rng = np.random.default_rng(2)
+    mean = rng.normal(size=(30, 4))
+    var = rng.uniform(0.1, 2.0, size=(30, 4))
+    groups = np.repeat(np.arange(3), 10)
+    rng.shuffle(groups)
+    m, v = moment_matched(torch.as_tensor(mean), torch.as_tensor(var), torch.as_tensor(groups), 3)
+    for g in range(3):
+        sel = groups == g
+        # mixture of equal-weight Gaussians: E[z] and E[var] + Var(means)
+        np.testing.assert_allclose(m[g].numpy(), mean[sel].mean(0), rtol=1e-10)
+        np.testing.assert_allclose(
+            v[g].numpy(), var[sel].mean(0) + mean[sel].var(0), rtol=1e-8, atol=1e-12
+        )
+
+
+def test_moment_matched_single_cell_is_the_cell():
+    mean, var = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 3.0]])
+    m, v = moment_matched(mean, var, torch.tensor([0]), 1)
+    torch.testing.assert_close(m, mean)
+    torch.testing.assert_close(v, var)
+
+
+def test_moment_matched_variance_is_positive():
+    mean = torch.zeros(3, 2)
+    var = torch.zeros(3, 2)
+    _, v = moment_matched(mean, var, torch.zeros(3, dtype=torch.long), 1)
+    assert (v > 0).all()
+
+
+def test_moment_matched_is_differentiable():
+    mean = torch.randn(6, 2, requires_grad=True)
+    var = torch.rand(6, 2, requires_grad=True)
+    m, v = moment_matched(mean, var, torch.tensor([0, 0, 1, 1, 1, 2]), 3)
+    (m.sum() + v.sum()).backward()
+    assert mean.grad is not None and torch.isfinite(mean.grad).all()
+    assert var.grad is not None and (var.grad != 0).any()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_within_group_derangement(seed):
+    rng = np.random.default_rng(seed)
+    n_groups = 7
+    groups_np = rng.integers(0, n_groups, 60)
+    groups_np[:3] = [0, 0, 1]  # group 0 has >= 2 rows
+    groups_np[groups_np == 6] = 5
+    groups_np[-1] = 6  # group 6 is a singleton
+    groups = torch.as_tensor(groups_np)
+    torch.manual_seed(seed)
+    partner, valid = within_group_derangement(groups, n_groups)
+    partner, valid = partner.numpy(), valid.numpy()
+    counts = np.bincount(groups_np, minlength=n_groups)
+    assert partner.shape == (60,) and valid.dtype == bool
+    # always within the group, and a permutation of the rows
+    np.testing.assert_array_equal(groups_np[partner], groups_np)
+    np.testing.assert_array_equal(np.sort(partner), np.arange(60))
+    # never itself when the group has more than one row; singletons are masked out
+    np.testing.assert_array_equal(valid, counts[groups_np] > 1)
+    assert (partner[valid] != np.arange(60)[valid]).all()
+    assert not valid[-1]
+
+
+def test_within_group_derangement_is_random():
+    groups = torch.zeros(20, dtype=torch.long)
+    torch.manual_seed(0)
+    seen = {tuple(within_group_derangement(groups, 1)[0].tolist()) for _ in range(10)}
+    assert len(seen) > 1
+
+
+def test_within_group_derangement_pairs_of_two_swap():
+    groups = torch.tensor([0, 1, 0, 1])
+    partner, valid = within_group_derangement(groups, 2)
+    assert partner.tolist() == [2, 3, 0, 1]
+    assert valid.all()
+
+
+def test_within_group_derangement_all_singletons():
+    partner, valid = within_group_derangement(torch.tensor([0, 1, 2]), 3)
+    assert partner.tolist() == [0, 1, 2]
+    assert not valid.any()
