@@ -3,7 +3,8 @@
 Build offline with ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
 Environment variables:
 
-- ``FCR_TUTORIAL_EPOCHS``: training epochs of the tutorial notebooks (default 30; CI uses 3).
+- ``FCR_TUTORIAL_EPOCHS``: training epochs of the tutorial notebooks (default: each
+  notebook's own, 30 to 200; CI uses 3).
 - ``FCR_DOCS_EXECUTE``: myst-nb execution mode, ``force`` (default), ``cache``, ``auto`` or
   ``off`` (render the stored notebooks without running them).
 - ``FCR_DOCS_INTERSPHINX=1``: link to the Python / NumPy / AnnData / scvi-tools ... docs

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import anndata as ad
+import numpy as np
 import pytest
 
 from fcr_tools.cli import main
@@ -35,3 +37,149 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     assert report["data"]["n_heldout_groups_scored"] > 0
     assert "R2 top-20 DEGs" in capsys.readouterr().out
     assert "Counterfactual prediction of held-out pairs" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ train and predict
+TINY_ARGS = ["--n-latent", "2", "--n-hidden", "16", "--epochs", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "demo"])
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+def test_train_then_predict(make_screen, tmp_path, capsys):
+    make_screen().write_h5ad(tmp_path / "screen.h5ad")
+    code = main(
+        [
+            "train",
+            "--adata",
+            str(tmp_path / "screen.h5ad"),
+            "--treatment-key",
+            "drug",
+            "--covariate-keys",
+            "cell_line",
+            "--dose-key",
+            "dose",
+            "--out-model",
+            str(tmp_path / "model"),
+            "--out-adata",
+            str(tmp_path / "latents.h5ad"),
+            *TINY_ARGS,
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "model" / "model.pt").exists()
+    latents = ad.read_h5ad(tmp_path / "latents.h5ad")
+    assert {"X_fcr_x", "X_fcr_t", "X_fcr_tx"} <= set(latents.obsm)
+    assert latents.obsm["X_fcr_tx"].shape == (latents.n_obs, 2)
+    assert "Saved the model" in capsys.readouterr().err
+
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "model"),
+            "--adata",
+            str(tmp_path / "screen.h5ad"),
+            "--obs-filter",
+            "drug=control",
+            "--obs-filter",
+            "cell_line=cell_line_1",
+            "--treatment",
+            "drug_2",
+            "--dose",
+            "0.3",
+            "--out",
+            str(tmp_path / "pred.h5ad"),
+        ]
+    )
+    assert code == 0
+    pred = ad.read_h5ad(tmp_path / "pred.h5ad")
+    assert set(pred.obs["cell_line"]) == {"cell_line_1"}
+    assert set(pred.obs["source_drug"]) == {"control"}
+    assert set(pred.obs["drug"]) == {"drug_2"} and set(pred.obs["dose"]) == {0.3}
+    assert pred.n_vars == latents.n_vars and np.isfinite(pred.X).all()
+
+
+def test_train_on_mudata_with_counts(make_screen, tmp_path):
+    mudata = pytest.importorskip("mudata")
+    mudata.MuData({"rna": make_screen()}).write(tmp_path / "screen.h5mu")
+    code = main(
+        [
+            "train",
+            "--adata",
+            str(tmp_path / "screen.h5mu"),
+            "--treatment-key",
+            "drug",
+            "--covariate-keys",
+            "cell_line",
+            "--layer",
+            "counts",
+            "--likelihood",
+            "nb",
+            "--out-model",
+            str(tmp_path / "model"),
+            "--out-adata",
+            str(tmp_path / "latents.h5ad"),
+            *TINY_ARGS,
+        ]
+    )
+    assert code == 0
+    assert "X_fcr_x" in ad.read_h5ad(tmp_path / "latents.h5ad").obsm
+
+
+TRAIN = ["train", "--treatment-key", "drug", *TINY_ARGS]
+PREDICT = ["predict", "--adata", "screen.h5ad", "--treatment", "drug_1", "--out", "p.h5ad"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([*TRAIN, "--adata", "absent.h5ad", "--out-model", "m"], "absent.h5ad: no such file"),
+        ([*TRAIN, "--adata", "screen.csv", "--out-model", "m"], "an .h5ad or .h5mu file"),
+        (
+            ["train", "--adata", "screen.h5ad", "--treatment-key", "drugs", "--out-model", "m"],
+            "Did you mean ['drug']",
+        ),
+        (
+            [*TRAIN, "--adata", "screen.h5ad", "--covariate-keys", "line", "--out-model", "m"],
+            "'line'",
+        ),
+        ([*TRAIN, "--adata", "screen.h5ad", "--control", "DMSO", "--out-model", "m"], "'DMSO'"),
+        ([*TRAIN, "--adata", "screen.h5ad", "--out-model", "full"], "--overwrite"),
+        ([*PREDICT, "--model", "m"], "not a saved FCR model"),
+    ],
+)
+def test_clear_one_line_errors(args, message, make_screen, tmp_path, capsys):
+    make_screen().write_h5ad(tmp_path / "screen.h5ad")  # the tests run in tmp_path
+    (tmp_path / "screen.csv").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "file").write_text("x")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"fcr-tools {args[0]}: error: ")
+    assert message in err
+
+
+def test_predict_errors(make_screen, build_model, tmp_path, capsys):
+    adata = make_screen()
+    build_model(adata, train={"max_epochs": 1}).save(str(tmp_path / "model"))
+    adata.write_h5ad(tmp_path / "screen.h5ad")
+    base = [
+        "predict",
+        "--model",
+        str(tmp_path / "model"),
+        "--adata",
+        str(tmp_path / "screen.h5ad"),
+    ]
+    out = ["--out", str(tmp_path / "p.h5ad")]
+    assert main([*base, "--treatment", "drug_9", *out]) == 2
+    assert "drug_9" in capsys.readouterr().err
+    assert main([*base, "--treatment", "drug_1", "--obs-filter", "drug=none", *out]) == 2
+    assert "no cell matches" in capsys.readouterr().err
+    assert main([*base, "--treatment", "drug_1", "--obs-filter", "nope", *out]) == 2
+    assert "COLUMN=VALUE" in capsys.readouterr().err

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from fcr_tools.baselines import AdditiveBaseline, ControlMeanBaseline
-from fcr_tools.metrics import mean_corr_coef, response_scores, score_heldout_groups, top_degs
+from fcr_tools.metrics import (
+    block_r2,
+    cluster_scores,
+    conditional_hsic,
+    energy_distance,
+    mean_corr_coef,
+    response_scores,
+    score_heldout_groups,
+    top_degs,
+)
 
 
 def test_top_degs_ranks_by_t_statistic():
@@ -77,3 +86,46 @@ def test_score_heldout_groups_is_tidy(make_screen):
         score_heldout_groups(predictors, adata, "drug", "cell_line", "dose", min_cells=100)
     with pytest.raises(KeyError, match="'fold'"):
         score_heldout_groups(predictors, adata, "drug", "cell_line", split_key="fold")
+
+
+def test_block_r2_separates_information_from_noise():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(800, 2))
+    assert block_r2(np.c_[np.tanh(z), z[:, :1] ** 3], z) > 0.8
+    assert block_r2(rng.normal(size=(800, 3)), z) < 0.1
+    with pytest.raises(ValueError, match="same number of cells"):
+        block_r2(z[:10], z)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "leiden"])
+def test_cluster_scores_match_labels(method):
+    rng = np.random.default_rng(4)
+    labels = np.repeat(["a", "b", "c"], 80)
+    centers = {"a": [0, 0], "b": [10, 0], "c": [0, 10]}
+    latent = np.array([centers[lab] for lab in labels]) + rng.normal(size=(240, 2))
+    good = cluster_scores(latent, labels, method=method, resolution=0.1)
+    assert good["nmi"] > 0.9 and good["ari"] > 0.9 and good["silhouette"] > 0.5
+    bad = cluster_scores(rng.normal(size=(240, 2)), labels, method="kmeans")
+    assert bad["nmi"] < 0.2
+    with pytest.raises(ValueError, match="'louvain'"):
+        cluster_scores(latent, labels, method="louvain")
+
+
+def test_conditional_hsic_detects_dependence_within_groups_only():
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(4), 60)
+    shift = groups[:, None] * 3.0
+    a = rng.normal(size=(240, 2)) + shift
+    independent = rng.normal(size=(240, 2)) + shift  # dependent only through the group
+    assert conditional_hsic(a, independent, groups, n_permutations=100)["p_value"] > 0.05
+    dependent = a + 0.3 * rng.normal(size=(240, 2))
+    assert conditional_hsic(a, dependent, groups, n_permutations=100)["p_value"] < 0.05
+    with pytest.raises(ValueError, match="at least 5 cells"):
+        conditional_hsic(a[:3], a[:3], groups[:3])
+
+
+def test_energy_distance_is_zero_for_identical_sets_and_grows_with_shift():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(200, 4))
+    assert energy_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert energy_distance(x, x + 0.5) < energy_distance(x, x + 2.0)

@@ -4,6 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import sparse
 
 from fcr_tools import FCRModel
@@ -239,3 +241,34 @@ def test_model_trains_on_sparse_x(make_screen, build_model):
     model = build_model(adata, train={"max_epochs": 1})
     assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
     assert model.get_latent_representation().shape == (adata.n_obs, 7)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(
+    groups=st.lists(st.integers(0, 3), min_size=1, max_size=60),
+    seed=st.integers(0, 2**16),
+)
+def test_control_pool_property(groups, seed):
+    """Random groups, controls and candidates: partners are controls of the row's own group,
+    taken among the candidates whenever the group has a control there."""
+    rng = np.random.default_rng(seed)
+    n = len(groups)
+    covariates = np.array(groups)[:, None] * np.array([[1, 10]])  # two covariate columns
+    is_control = rng.random(n) < 0.4
+    candidates = np.flatnonzero(rng.random(n) < 0.7)
+    pool = ControlPool(covariates, is_control, candidates)
+    rows = np.arange(n)
+    without = set(pool.groups_without_controls(rows).tolist())
+    has_control = {g for g in set(groups) if is_control[np.array(groups) == g].any()}
+    assert {pool.group[i] for i in rows if groups[i] not in has_control} == without
+    rows = np.array([i for i in rows if groups[i] in has_control], dtype=np.int64)
+    if rows.size == 0:
+        return
+    torch.manual_seed(seed)
+    partners = pool.sample(rows)
+    assert is_control[partners].all()
+    np.testing.assert_array_equal(np.array(groups)[partners], np.array(groups)[rows])
+    in_candidates = np.isin(partners, candidates)
+    for row, ok in zip(rows, in_candidates, strict=True):
+        group_candidates = is_control[candidates] & (np.array(groups)[candidates] == groups[row])
+        assert ok == group_candidates.any()

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import baselines, data, metrics, pl
+from . import baselines, data, metrics, pl, pp, tl
 from ._model import FCRModel
 from ._module import FCRModule
 from ._training_plan import FCRTrainingPlan
@@ -21,4 +21,6 @@ __all__ = [
     "data",
     "metrics",
     "pl",
+    "pp",
+    "tl",
 ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Sequence
 from typing import Literal
 
@@ -12,7 +14,7 @@ import pandas as pd
 import torch
 from scvi import settings
 from scvi.data import AnnDataManager
-from scvi.data._constants import _SETUP_ARGS_KEY
+from scvi.data._constants import _SCVI_UUID_KEY, _SETUP_ARGS_KEY
 from scvi.data._utils import get_anndata_attribute
 from scvi.data.fields import (
     CategoricalJointObsField,
@@ -27,6 +29,14 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from ._constants import COVARIATES_KEY, LATENT_BLOCKS, TREATMENT_KEY, X_KEY
 from ._module import FCRModule
 from ._pairing import FCRDataLoader, FCRDataSplitter, treatment_encoder
+from ._registration import (
+    MAX_STAND_INS,
+    check_genes,
+    check_source_genes,
+    recode_covariates,
+    stand_in,
+)
+from ._saving import check_saved_model, describe_version, version_info
 from ._training_plan import FCRTrainingPlan
 from ._treatments import TreatmentEncoder
 from ._validation import as_key_list, check_expression, check_setup_columns
@@ -44,50 +54,6 @@ def _selected_blocks(block: str | Sequence[str]) -> list[str]:
     return blocks
 
 
-def _check_genes(genes, expected) -> None:
-    """Fail unless ``genes`` are the model's genes in the model's order."""
-    expected, genes = pd.Index(expected), pd.Index(genes)
-    if not genes.equals(expected):
-        missing = expected.difference(genes)
-        if len(missing):
-            raise ValueError(
-                f"adata lacks {len(missing)} of the model's genes (e.g. {list(missing[:5])})."
-            )
-        raise ValueError(
-            "adata's genes differ from the model's in order or number; subset and reorder "
-            "them first: adata = adata[:, model.get_var_names()].copy()."
-        )
-
-
-def _check_source_genes(genes, kwargs: dict) -> None:
-    """When a saved model is loaded onto data, check its genes (scvi-tools only warns)."""
-    registry = kwargs.get("source_registry")
-    if registry is None:
-        return
-    state = registry["field_registries"][X_KEY]["state_registry"]
-    if state.get("column_names") is not None:
-        _check_genes(genes, state["column_names"])
-
-
-def _recode_covariates(manager: AnnDataManager) -> None:
-    """Give covariates transferred from a model's registry the model's category codes.
-
-    scvi-tools keeps the data's own codes when a categorical covariate lists the model's
-    categories in another order (pandas deems the two dtypes equal), which silently swaps
-    covariate groups; recode them in the registry's copy (``_scvi_extra_categorical_covs``).
-    """
-    if COVARIATES_KEY not in manager.data_registry:
-        return
-    state = manager.get_state_registry(COVARIATES_KEY)
-    registered = manager.get_from_registry(COVARIATES_KEY)
-    mod = (manager.registry[_SETUP_ARGS_KEY].get("modalities") or {}).get("covariate_keys")
-    for key in state.field_keys:
-        values = get_anndata_attribute(manager.adata, "obs", key, mod_key=mod)
-        codes = pd.Categorical(np.asarray(values, dtype=object).ravel(), state.mappings[key]).codes
-        if (codes >= 0).all() and not np.array_equal(registered[key].to_numpy(), codes):
-            registered[key] = codes
-
-
 def _data_matrix(adata, layer: str | None, modality: str | None = None):
     """The expression matrix registered from an AnnData / MuData, and a readable name."""
     if modality is not None:
@@ -100,6 +66,14 @@ def _data_matrix(adata, layer: str | None, modality: str | None = None):
         raise KeyError(f"layer={layer!r} not found in adata.layers ({list(adata.layers)}).")
     name = f"adata.layers[{layer!r}]" if modality is None else f"mdata[{modality!r}].layers"
     return adata.layers[layer], name
+
+
+# DDP strategies and their variants that allow parameters without gradient in a backward pass:
+# the discriminator update touches only the discriminators, the autoencoder update not them all.
+_DDP_FIND_UNUSED = {
+    name: f"{name}_find_unused_parameters_true"
+    for name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+}
 
 
 class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
@@ -161,6 +135,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         likelihood: Literal["gaussian", "nb"] = "gaussian",
     ):
         super().__init__(adata, registry)
+        if adata is not None:
+            # another model's setup on the same object may have overwritten FCR's entries
+            self.adata_manager.validate()
         if likelihood not in ("gaussian", "nb"):
             raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
         for name, value in [
@@ -174,11 +151,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             if not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if adata is not None and likelihood == "nb":
-            setup = self.registry_[_SETUP_ARGS_KEY]
-            layer = setup.get("layer", setup.get("rna_layer"))
-            modality = (setup.get("modalities") or {}).get("rna_layer")
-            matrix, name = _data_matrix(adata, layer, modality)
-            check_expression(matrix, name, counts=True)
+            check_expression(*self._registered_matrix(adata), counts=True)
 
         encoder = self.treatment_encoder
         treatments = self.get_state_registry(TREATMENT_KEY).categorical_mapping
@@ -204,6 +177,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             f"{len(treatments) - 1} treatment labels; covariates: {', '.join(covariates)}; "
             f"{self.summary_stats.n_vars} genes."
         )
+        self.fcr_version_ = version_info()
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ setup
@@ -260,7 +234,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             )
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise ValueError(f"adata has shape {adata.shape}: no cells or no genes.")
-        _check_source_genes(adata.var_names, kwargs)
+        check_source_genes(adata.var_names, kwargs)
         covariates = as_key_list(covariate_keys)
         check_setup_columns(
             lambda key: adata.obs[key],
@@ -282,7 +256,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         if "source_registry" in kwargs:
-            _recode_covariates(manager)
+            recode_covariates(manager)
         cls.register_manager(manager)
 
     @classmethod
@@ -340,7 +314,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError("modalities must map 'rna_layer' to the expression modality.")
         mods = cls._create_modalities_attr_dict(modalities, setup_method_args)
         if mods.rna_layer in mdata.mod:
-            _check_source_genes(mdata.mod[mods.rna_layer].var_names, kwargs)
+            check_source_genes(mdata.mod[mods.rna_layer].var_names, kwargs)
         covariates = as_key_list(covariate_keys)
         cov_mod = mods.covariate_keys
         for arg in ("treatment_key", "dose_key"):
@@ -379,7 +353,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(mdata, **kwargs)
         if "source_registry" in kwargs:
-            _recode_covariates(manager)
+            recode_covariates(manager)
         cls.register_manager(manager)
 
     # ------------------------------------------------------------------ registry facts
@@ -403,6 +377,12 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         """The registered covariate columns."""
         return as_key_list(self.registry_[_SETUP_ARGS_KEY].get("covariate_keys"))
 
+    def _registered_matrix(self, adata):
+        """The expression matrix the model reads from ``adata``, and a readable name."""
+        setup = self.registry_[_SETUP_ARGS_KEY]
+        layer = setup.get("layer", setup.get("rna_layer"))
+        return _data_matrix(adata, layer, (setup.get("modalities") or {}).get("rna_layer"))
+
     def _n_cats_per_cov(self) -> list[int]:
         if not self.covariate_keys:
             return []
@@ -410,24 +390,49 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     # ------------------------------------------------------------------ data
     def _validate_anndata(self, adata=None, copy_if_view: bool = True):
+        """The registered data to read ``adata`` from, never writing into a user's new object.
+
+        The training data (or data registered with this model before) is validated as in
+        scvi-tools. Any other AnnData / MuData (including a view) is checked against the model
+        (genes, columns, categories, values) and a stand-in sharing its arrays is registered and
+        returned instead: prediction adds nothing to the user's object.
+        """
         if adata is None and self.adata is None:
             raise ValueError(
                 "This model was loaded without data: pass adata=... (with the model's genes "
                 "and obs columns)."
             )
-        transfer = False
-        if adata is not None and adata is not self.adata:
-            transfer = self.get_anndata_manager(adata) is None
-            self._check_new_data(adata)
-        adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
-        if transfer:
-            _recode_covariates(self.get_anndata_manager(adata, required=True))
-        return adata
+        if adata is None or self._is_registered(adata):
+            return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        self._check_new_data(adata)
+        setup = self.registry_[_SETUP_ARGS_KEY]
+        proxy = stand_in(adata, setup)
+        if self.adata_manager is None:  # loaded without data: replay the saved setup
+            cls = type(self)
+            method = self.registry_.get("setup_method_name", "setup_anndata")
+            getattr(cls, method)(proxy, source_registry=self.registry_, **setup)
+            manager = cls._get_most_recent_anndata_manager(proxy, required=True)
+            cls._setup_adata_manager_store.pop(manager.adata_uuid, None)
+        else:
+            manager = self.adata_manager.transfer_fields(proxy)
+            recode_covariates(manager)
+        self._register_manager_for_instance(manager)
+        # keep the managers of the last few stand-ins only (each holds its data)
+        if not hasattr(self, "_stand_ins"):
+            self._stand_ins = deque()
+        self._stand_ins.append(manager.adata_uuid)
+        while len(self._stand_ins) > MAX_STAND_INS:
+            self._per_instance_manager_store[self.id].pop(self._stand_ins.popleft(), None)
+        return proxy
+
+    def _is_registered(self, adata) -> bool:
+        """Whether this very object is registered with this model (without writing to it)."""
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
+        manager = self._per_instance_manager_store.get(self.id, {}).get(uuid)
+        return manager is not None and manager.adata is adata
 
     def _check_new_data(self, adata) -> None:
         """Clear errors for data that does not match the model (genes, columns, categories)."""
-        if self.get_anndata_manager(adata) is not None:
-            return
         setup = self.registry_[_SETUP_ARGS_KEY]
         mods = setup.get("modalities") or {}
         genes_source = adata.mod[mods["rna_layer"]] if mods else adata
@@ -436,7 +441,14 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         expected = self.get_var_names()
         if isinstance(expected, dict):  # MuData: the genes of each modality
             expected = expected[mods["rna_layer"]]
-        _check_genes(genes_source.var_names, expected)
+        check_genes(genes_source.var_names, expected)
+        check_expression(*self._registered_matrix(adata), counts=self.module.likelihood == "nb")
+        if self.dose_key is not None:
+            where = (adata.mod[mods["dose_key"]] if mods.get("dose_key") else adata).obs
+            if self.dose_key not in where.columns:
+                raise KeyError(
+                    f"Column {self.dose_key!r} (the model's dose_key) not found in adata.obs."
+                )
         checks = [(self.treatment_key, mods.get("treatment_key"), TREATMENT_KEY)]
         checks += [(key, mods.get("covariate_keys"), key) for key in self.covariate_keys]
         for key, mod, registry_key in checks:
@@ -449,7 +461,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
                 known = self.get_state_registry(COVARIATES_KEY).mappings[key]
             values = pd.Series(np.asarray(where[key], dtype=object))
             if values.isna().any():
-                raise ValueError(f"obs[{key!r}] has missing values.")
+                raise ValueError(f"obs[{key!r}] has {int(values.isna().sum())} missing values.")
             unseen = sorted(set(values.astype(str)) - {str(k) for k in known})
             if unseen:
                 raise ValueError(
@@ -488,7 +500,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             (400 for 20,000 cells or fewer, fewer for larger data).
         accelerator, devices
             Lightning accelerator and devices (``"auto"`` uses a GPU when there is one).
-            For several GPUs pass ``strategy="ddp"`` too.
+            For several devices pass ``strategy="ddp"`` too (see the multi-GPU page of the
+            documentation): each process then reads its share of the cells, ``batch_size``
+            cells per minibatch, and early stopping is off.
         train_size, validation_size
             Fractions of cells for training and validation (default 0.9 / 0.1).
         batch_size
@@ -508,6 +522,13 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         --------
         >>> model.train(max_epochs=100, plan_kwargs={"adversarial_weight": 0.5})  # doctest: +SKIP
         """
+        self._validate_anndata()  # re-registers FCR's fields if another setup replaced them
+        # the data may have been edited since setup
+        nb = self.module.likelihood == "nb"
+        check_expression(*self._registered_matrix(self.adata), counts=nb)
+        strategy = trainer_kwargs.get("strategy")
+        if isinstance(strategy, str) and strategy in _DDP_FIND_UNUSED:
+            trainer_kwargs["strategy"] = _DDP_FIND_UNUSED[strategy]
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
@@ -523,6 +544,91 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             datasplitter_kwargs=datasplitter_kwargs,
             **trainer_kwargs,
         )
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, **kwargs):
+        """Save the model (weights, setup, init parameters, fcr_tools version) to ``dir_path``.
+
+        Parameters
+        ----------
+        dir_path
+            Directory to write (``model.pt``, and ``adata.h5ad`` with ``save_anndata=True``).
+        prefix
+            Prefix of the file names.
+        overwrite
+            Overwrite an existing directory.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.save` (e.g. ``save_anndata``).
+
+        Examples
+        --------
+        >>> model.save("fcr_model", overwrite=True)  # doctest: +SKIP
+        """
+        self.fcr_version_ = version_info()
+        super().save(dir_path, prefix=prefix, overwrite=overwrite, **kwargs)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str,
+        adata: ad.AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+        **kwargs,
+    ):
+        """Load a model saved with :meth:`save`.
+
+        Fails with a message naming the path for a missing, truncated or corrupt directory or a
+        model of another class, and naming the versions for a model saved in a newer format or
+        in an older one this version cannot read.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            Data to load the model onto (set up from the saved setup; needs the model's genes
+            and obs columns). ``None``: the data saved with the model, if any.
+        accelerator, device
+            Where to put the model.
+        prefix
+            Prefix of the file names.
+        backup_url
+            URL to download ``model.pt`` from when it is missing.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+
+        Examples
+        --------
+        >>> model = FCRModel.load("fcr_model", adata=adata)  # doctest: +SKIP
+        """
+        info = None
+        if backup_url is None:
+            names = [cls.__name__, *(kwargs.get("allowed_classes_names_list") or [])]
+            info = check_saved_model(dir_path, prefix, adata is None, names)
+        try:
+            model = super().load(
+                dir_path,
+                adata=adata,
+                accelerator=accelerator,
+                device=device,
+                prefix=prefix,
+                backup_url=backup_url,
+                **kwargs,
+            )
+        except (RuntimeError, TypeError) as err:
+            text = str(err)
+            if "state_dict" not in text and "unexpected keyword argument" not in text:
+                raise
+            raise ValueError(
+                f"The model at {os.fspath(dir_path)!r} was saved by {describe_version(info)} "
+                f"and cannot be loaded by {describe_version(version_info())}: {text}"
+            ) from err
+        if backup_url is None and info is None:
+            model.fcr_version_ = None  # saved before versions were recorded
+        return model
 
     # ------------------------------------------------------------------ latents
     @torch.inference_mode()

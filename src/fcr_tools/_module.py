@@ -68,6 +68,28 @@ class FCRModule(BaseModuleClass):
         Dropout in the expression encoder.
     likelihood
         ``"gaussian"`` for log-normalised data, ``"nb"`` for raw counts.
+
+    Examples
+    --------
+    Models build their module themselves (``model.module``); on its own:
+
+    >>> import torch
+    >>> from fcr_tools import FCRModule
+    >>> module = FCRModule(
+    ...     n_input=10,
+    ...     n_cats_per_cov=[2],
+    ...     n_treatment_components=3,
+    ...     n_treatment_categories=4,
+    ...     control_code=0,
+    ... )
+    >>> out = module.inference(
+    ...     x=torch.rand(5, 10),
+    ...     covs=torch.zeros(5, 1, dtype=torch.long),
+    ...     t_idx=torch.full((5, 1), 3),
+    ...     t_dose=torch.zeros(5, 1),
+    ... )
+    >>> out["z"].shape  # z_x, z_t and z_tx of 5 cells
+    torch.Size([5, 48])
     """
 
     def __init__(
@@ -166,11 +188,28 @@ class FCRModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ model
     def treatment_vector(self, t_idx: torch.Tensor, t_dose: torch.Tensor) -> torch.Tensor:
-        """Dense dose-scaled multi-hot treatment vectors."""
+        """Dense dose-scaled multi-hot treatment vectors.
+
+        Examples
+        --------
+        Component indices and doses (index ``n_treatment_components`` pads):
+
+        >>> t = module.treatment_vector(
+        ...     torch.tensor([[0, 3], [1, 2]]), torch.tensor([[0.5, 0.0], [1.0, 0.25]])
+        ... )  # doctest: +SKIP
+        >>> t.tolist()  # doctest: +SKIP
+        [[0.5, 0.0, 0.0], [0.0, 1.0, 0.25]]
+        """
         return dense_treatment(t_idx, t_dose, self.n_treatment_components)
 
     def prior(self, e_x: torch.Tensor, t: torch.Tensor) -> dict[str, tuple]:
-        """Means and variances of the conditional priors of the three blocks."""
+        """Means and variances of the conditional priors of the three blocks.
+
+        Examples
+        --------
+        >>> prior = module.prior(out["e_x"], torch.zeros(5, 3))  # doctest: +SKIP
+        >>> mean, var = prior["tx"]  # doctest: +SKIP
+        """
         return {
             "x": self.priors["x"](e_x),
             "t": self.priors["t"](t),
@@ -186,7 +225,13 @@ class FCRModule(BaseModuleClass):
         t_dose: torch.Tensor,
         n_primary: int | None = None,
     ) -> dict:
-        """Posterior and prior of each block, and one sample of each."""
+        """Posterior and prior of each block, and one sample of each.
+
+        Examples
+        --------
+        >>> out = module.inference(**module._get_inference_input(tensors))  # doctest: +SKIP
+        >>> out["qz_tx"].loc  # posterior means of z_tx  # doctest: +SKIP
+        """
         library = x.sum(-1, keepdim=True)
         x_in = torch.log1p(x) if self.likelihood == "nb" else x
         h = self.expression_encoder(x_in)
@@ -212,7 +257,13 @@ class FCRModule(BaseModuleClass):
 
     @auto_move_data
     def generative(self, z: torch.Tensor, library: torch.Tensor) -> dict:
-        """Likelihood of the expression given the three blocks."""
+        """Likelihood of the expression given the three blocks.
+
+        Examples
+        --------
+        >>> gen = module.generative(out["z"], out["library"])  # doctest: +SKIP
+        >>> gen["px_mean"].shape  # cells x genes  # doctest: +SKIP
+        """
         out = self.decoder(z)
         if self.likelihood == "gaussian":
             scale = F.softplus(self.px_r) + _MIN_SCALE
@@ -224,9 +275,15 @@ class FCRModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ objective
     def _groups(self, inference_outputs: dict) -> tuple[torch.Tensor, int]:
-        """(covariate, treatment, dose) group of every row (cells and partners)."""
+        """(covariate, treatment, dose) group of every row (cells and partners).
+
+        Computed once per minibatch and kept in ``inference_outputs``, so the loss and the
+        discriminator steps of a training step share it.
+        """
         out = inference_outputs
-        return group_index(out["covs"], out["t_idx"], out["t_dose"])
+        if "groups" not in out:
+            out["groups"] = group_index(out["covs"], out["t_idx"], out["t_dose"])
+        return out["groups"]
 
     def permutation_logits(
         self, inference_outputs: dict, groups, n_groups, detach: bool = False
@@ -236,6 +293,13 @@ class FCRModule(BaseModuleClass):
         For each discriminator (``"x"``: (z_x, z_tx); ``"t"``: (z_t, z_tx)) returns the logits
         of the positives, of the negatives (z_tx taken from another cell of the same
         covariate-treatment group) and the mask of rows that have such a cell.
+
+        Examples
+        --------
+        >>> groups, n_groups = module._groups(out)  # doctest: +SKIP
+        >>> positive, negative, valid = module.permutation_logits(out, groups, n_groups)[
+        ...     "x"
+        ... ]  # doctest: +SKIP
         """
         z = {b: inference_outputs[f"z_{b}"] for b in ("x", "t", "tx")}
         if detach:
@@ -249,7 +313,12 @@ class FCRModule(BaseModuleClass):
         return logits
 
     def discriminator_loss(self, inference_outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss of the discriminators on detached latents, and their accuracy."""
+        """Loss of the discriminators on detached latents, and their accuracy.
+
+        Examples
+        --------
+        >>> loss, accuracy = module.discriminator_loss(out)  # doctest: +SKIP
+        """
         groups, n_groups = self._groups(inference_outputs)
         logits = self.permutation_logits(inference_outputs, groups, n_groups, detach=True)
         return _permutation_bce(logits, fool=False)
@@ -273,6 +342,11 @@ class FCRModule(BaseModuleClass):
         The minibatch holds ``B`` cells and, during training, one control partner per cell
         (same covariates, no treatment), stacked after them. Terms with a weight of 0 are not
         computed.
+
+        Examples
+        --------
+        >>> _, _, loss_output = module(tensors, loss_kwargs={"kl_weight": 0.1})  # doctest: +SKIP
+        >>> loss_output.extra_metrics["discriminator_accuracy"]  # doctest: +SKIP
         """
         out = inference_outputs
         b = out["n_primary"]
@@ -357,6 +431,34 @@ class FCRModule(BaseModuleClass):
         )
 
     # ------------------------------------------------------------------ prediction
+    def counterfactual_latents(
+        self,
+        inference_outputs: dict,
+        t: torch.Tensor,
+        mode: Literal["prior", "abduction"] = "prior",
+    ) -> dict[str, torch.Tensor]:
+        """Latent blocks of the cells of ``inference_outputs`` under treatment vectors ``t``.
+
+        ``"x"`` is each cell's posterior mean of z_x; ``"t"`` and ``"tx"`` are the prior means
+        of p(z_t | t) and p(z_tx | x, t) (``"prior"`` mode), plus each cell's own deviation
+        from the prior mean of its observed treatment (``"abduction"`` mode). Shared by
+        :meth:`counterfactual` and :func:`fcr_tools.tl.interaction_effects`.
+
+        Examples
+        --------
+        >>> blocks = module.counterfactual_latents(out, torch.zeros(5, 3))  # doctest: +SKIP
+        >>> z = torch.cat([blocks["x"], blocks["t"], blocks["tx"]], -1)  # doctest: +SKIP
+        """
+        out = inference_outputs
+        prior = self.prior(out["e_x"], t)
+        z_t, z_tx = prior["t"][0], prior["tx"][0]
+        if mode == "abduction":
+            z_t = z_t + out["qz_t"].loc - out["pz_t"].loc
+            z_tx = z_tx + out["qz_tx"].loc - out["pz_tx"].loc
+        elif mode != "prior":
+            raise ValueError(f"mode must be 'prior' or 'abduction', not {mode!r}.")
+        return {"x": out["qz_x"].loc, "t": z_t, "tx": z_tx}
+
     @torch.inference_mode()
     def counterfactual(
         self,
@@ -370,20 +472,21 @@ class FCRModule(BaseModuleClass):
         z_x is the posterior mean of each cell. In ``"prior"`` mode z_t and z_tx are the prior
         means under the target treatment; in ``"abduction"`` mode each cell also keeps its own
         deviation from the prior mean of its observed treatment.
+
+        Examples
+        --------
+        >>> idx, dose = model.treatment_encoder.encode_one("drug_1", 1.0, n=5)  # doctest: +SKIP
+        >>> module.counterfactual(
+        ...     tensors, torch.as_tensor(idx), torch.as_tensor(dose)
+        ... )["mean"]  # doctest: +SKIP
         """
         inputs = self._get_inference_input(tensors)
         inputs.pop("n_primary")
         out = self.inference(**inputs)
         device = out["e_x"].device
         t_new = self.treatment_vector(target_idx.to(device), target_dose.to(device).float())
-        prior = self.prior(out["e_x"], t_new)
-        z_t, z_tx = prior["t"][0], prior["tx"][0]
-        if mode == "abduction":
-            z_t = z_t + out["qz_t"].loc - out["pz_t"].loc
-            z_tx = z_tx + out["qz_tx"].loc - out["pz_tx"].loc
-        elif mode != "prior":
-            raise ValueError(f"mode must be 'prior' or 'abduction', not {mode!r}.")
-        z = torch.cat([out["qz_x"].loc, z_t, z_tx], -1)
+        blocks = self.counterfactual_latents(out, t_new, mode=mode)
+        z = torch.cat([blocks["x"], blocks["t"], blocks["tx"]], -1)
         gen = self.generative(z, out["library"])
         result = {"mean": gen["px_mean"]}
         if self.likelihood == "nb":

@@ -10,6 +10,7 @@ same covariate group drawn anew at every access, so anew every epoch) -> :class:
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from scvi.data import AnnDataManager
 from scvi.data._utils import get_anndata_attribute
@@ -94,11 +95,11 @@ class ControlPool:
 
     def __init__(self, covariates: np.ndarray, is_control: np.ndarray, candidates: np.ndarray):
         n_obs = covariates.shape[0]
-        if covariates.shape[1]:
-            _, group = np.unique(covariates, axis=0, return_inverse=True)
-            group = group.ravel()
-        else:
-            group = np.zeros(n_obs, dtype=np.int64)
+        group = np.zeros(n_obs, dtype=np.int64)
+        for column in np.asarray(covariates).T:  # hash-based: linear in the number of cells
+            codes, uniques = pd.factorize(column)
+            group, _ = pd.factorize(group * len(uniques) + codes)
+        group = group.astype(np.int64)
         self.group = group
         n_groups = int(group.max()) + 1 if n_obs else 0
         preferred = np.zeros(n_obs, dtype=bool)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from scvi.train import TrainingPlan
 
 from ._module import FCRModule
+
+_ADVICE = (
+    "Try a lower learning rate (plan_kwargs={'lr': ...}), gradient clipping "
+    "(plan_kwargs={'gradient_clip_val': ...}), a lower adversarial_weight, and check that the "
+    "data match the likelihood (log-normalised for 'gaussian', raw counts for 'nb')."
+)
 
 LOSS_WEIGHTS = (
     "reconstruction_weight",
@@ -40,6 +47,9 @@ class FCRTrainingPlan(TrainingPlan):
         Discriminator updates per autoencoder update (0 disables their training).
     gradient_clip_val
         Clip the gradient norm of each optimizer's parameters to this value (``None``: off).
+    max_loss_ratio
+        Stop with an error when the training loss grows beyond this multiple of its first
+        value (an exploding loss; ``None``: off). A NaN or infinite loss always stops training.
     n_epochs_kl_warmup, n_steps_kl_warmup, max_kl_weight, min_kl_weight
         KL warm-up as in :class:`scvi.train.TrainingPlan`; ``max_kl_weight`` is the weight of
         the KL terms.
@@ -59,6 +69,15 @@ class FCRTrainingPlan(TrainingPlan):
         Weight of the encoder's loss against the permutation discriminators.
     **kwargs
         Other :class:`scvi.train.TrainingPlan` arguments.
+
+    Examples
+    --------
+    The model builds the plan; its arguments are passed as ``plan_kwargs``:
+
+    >>> model.train(
+    ...     max_epochs=100,
+    ...     plan_kwargs={"lr": 3e-4, "adversarial_weight": 0.5, "n_discriminator_steps": 2},
+    ... )  # doctest: +SKIP
     """
 
     def __init__(
@@ -71,6 +90,7 @@ class FCRTrainingPlan(TrainingPlan):
         discriminator_lr: float = 1e-3,
         n_discriminator_steps: int = 1,
         gradient_clip_val: float | None = 50.0,
+        max_loss_ratio: float | None = 1e6,
         n_epochs_kl_warmup: int | None = 10,
         n_steps_kl_warmup: int | None = None,
         max_kl_weight: float = 1.0,
@@ -90,6 +110,8 @@ class FCRTrainingPlan(TrainingPlan):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         if n_discriminator_steps < 0:
             raise ValueError("n_discriminator_steps must be >= 0.")
+        if max_loss_ratio is not None and not max_loss_ratio > 1:
+            raise ValueError(f"max_loss_ratio must be > 1 or None, got {max_loss_ratio!r}.")
         if kwargs.get("reduce_lr_on_plateau"):
             raise ValueError("reduce_lr_on_plateau is not supported by FCRTrainingPlan.")
         super().__init__(
@@ -107,6 +129,8 @@ class FCRTrainingPlan(TrainingPlan):
         self.discriminator_lr = discriminator_lr
         self.n_discriminator_steps = n_discriminator_steps
         self.gradient_clip_val = gradient_clip_val
+        self.max_loss_ratio = max_loss_ratio
+        self._first_loss: float | None = None
         self.automatic_optimization = False
 
     @property
@@ -134,15 +158,57 @@ class FCRTrainingPlan(TrainingPlan):
             return opts[0], opts[1]
         return opts, None
 
+    def _where(self) -> str:
+        return f"epoch {self.current_epoch}, step {self.global_step}"
+
     def _check_finite(self, loss: torch.Tensor, what: str):
-        if not torch.isfinite(loss):
+        """Stop on a NaN / infinite loss, or a training loss that exploded (in any process)."""
+        value = loss.detach()
+        ok = bool(torch.isfinite(value))
+        problem = f"The {what} loss became {value.item()}"
+        if ok and what == "training" and self.max_loss_ratio is not None:
+            size = abs(value.item())
+            if self._first_loss is None:
+                self._first_loss = max(size, 1.0)
+            if size > self.max_loss_ratio * self._first_loss:
+                ok = False
+                problem = (
+                    f"The training loss exploded to {value.item():.4g} (over max_loss_ratio="
+                    f"{self.max_loss_ratio:g} times its first value)"
+                )
+        flag = torch.tensor(float(ok), device=value.device)
+        if self.use_sync_dist:  # under DDP every process stops, not only the one that failed
+            flag = self.trainer.strategy.reduce(flag, reduce_op="min")
+            if ok and flag.item() < 1:
+                problem = f"The {what} loss became non-finite or exploded in another process"
+        if flag.item() < 1:
+            raise FloatingPointError(f"{problem} at {self._where()}. {_ADVICE}")
+
+    @contextmanager
+    def _diverged_as_error(self, what: str):
+        """Turn torch.distributions' complaint about NaN parameters into advice."""
+        try:
+            yield
+        except ValueError as err:
+            if "invalid values" not in str(err):
+                raise
             raise FloatingPointError(
-                f"The {what} loss became {loss.item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step}. Try a lower learning rate (plan_kwargs={{'lr': ...}}), "
-                "gradient clipping (plan_kwargs={'gradient_clip_val': ...}), a lower "
-                "adversarial_weight, and check that the data match the likelihood "
-                "(log-normalised for 'gaussian', raw counts for 'nb')."
-            )
+                f"The model produced NaN or infinite values in the {what} step at "
+                f"{self._where()}: its weights diverged. {_ADVICE}"
+            ) from err
+
+    def validation_step(self, batch, batch_idx):
+        """scvi-tools' validation step, with a clear error if the weights diverged."""
+        with self._diverged_as_error("validation"):
+            return super().validation_step(batch, batch_idx)
+
+    def compute_and_log_metrics(self, loss_output, metrics, mode: str):
+        """Log the loss terms as scvi-tools does, under ``no_grad`` instead of inference mode.
+
+        Metrics created in inference mode cannot be synchronised between DDP processes.
+        """
+        with torch.no_grad():
+            TrainingPlan.compute_and_log_metrics.__wrapped__(self, loss_output, metrics, mode)
 
     def training_step(self, batch, batch_idx):
         """One autoencoder update, then the discriminator updates."""
@@ -151,7 +217,8 @@ class FCRTrainingPlan(TrainingPlan):
         self.log("kl_weight", kl_weight, on_step=True, on_epoch=False)
         opt_ae, opt_disc = self._optimizers()
 
-        inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        with self._diverged_as_error("training"):
+            inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
         loss = loss_output.loss
         self._check_finite(loss, "training")
         opt_ae.zero_grad()
@@ -172,7 +239,8 @@ class FCRTrainingPlan(TrainingPlan):
 
         if opt_disc is not None and self._train_discriminators:
             for _ in range(self.n_discriminator_steps):
-                disc_loss, _ = self.module.discriminator_loss(inference_outputs)
+                with self._diverged_as_error("discriminator"):
+                    disc_loss, _ = self.module.discriminator_loss(inference_outputs)
                 self._check_finite(disc_loss, "discriminator")
                 opt_disc.zero_grad()
                 self.manual_backward(disc_loss)

@@ -149,11 +149,12 @@ class TreatmentEncoder:
             if len(dose_values) != len(labels):
                 raise ValueError("`doses` must have one entry per treatment label.")
         lookup = {name: i for i, name in enumerate(self.components)}
-        # encode each distinct (label, dose) once, then broadcast to the cells
-        keys = pd.MultiIndex.from_arrays(
-            [labels.astype(str).to_numpy(), dose_values.astype(str).to_numpy()]
-        )
-        codes, uniques = pd.factorize(keys)
+        # encode each distinct (label, dose) once, then broadcast to the cells; the pairs are
+        # factorized as integer codes (a MultiIndex of tuples grows superlinearly with cells)
+        label_codes, _ = pd.factorize(labels.astype(str).to_numpy())
+        dose_codes, dose_uniques = pd.factorize(dose_values.astype(str).to_numpy())
+        pair_codes = label_codes.astype(np.int64) * max(len(dose_uniques), 1) + dose_codes
+        codes, uniques = pd.factorize(pair_codes)
         first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
         u_idx = np.full((len(uniques), self.max_parts), self.n_components, dtype=np.int64)
         u_dose = np.zeros((len(uniques), self.max_parts), dtype=np.float32)

@@ -37,44 +37,90 @@ def require_column(columns: Sequence[str], key: str, argument: str, where: str =
     raise KeyError(f"{argument}={key!r}: column {key!r} not found in {where}.{hint}")
 
 
-def _iter_row_chunks(matrix):
+_CHUNK_VALUES = 10_000_000
+
+
+def _iter_chunks(matrix):
+    """``(values, row_of)`` of successive chunks; ``row_of(i)`` is the row of ``values.flat[i]``.
+
+    CSR / CSC matrices are scanned through their stored values, dense and other matrices row block
+    by row block: a large matrix is never copied whole.
+    """
+    if sparse.issparse(matrix) and matrix.format in ("csr", "csc"):
+        data = matrix.data
+        for start in range(0, data.size, _CHUNK_VALUES):
+            if matrix.format == "csr":
+
+                def row_of(i, start=start):
+                    return int(np.searchsorted(matrix.indptr, start + i, side="right")) - 1
+
+            else:
+
+                def row_of(i, start=start):
+                    return int(matrix.indices[start + i])
+
+            yield data[start : start + _CHUNK_VALUES], row_of
+        return
     for start in range(0, matrix.shape[0], _CHUNK_ROWS):
         chunk = matrix[start : start + _CHUNK_ROWS]
-        values = chunk.data if sparse.issparse(chunk) else np.asarray(chunk)
-        yield start, values
+        if sparse.issparse(chunk):
+            chunk = sparse.csr_matrix(chunk)
+
+            def row_of(i, start=start, indptr=chunk.indptr):
+                return start + int(np.searchsorted(indptr, i, side="right")) - 1
+
+            yield chunk.data, row_of
+        else:
+            values = np.asarray(chunk)
+
+            def row_of(i, start=start, width=values.shape[1]):
+                return start + i // width
+
+            yield values, row_of
 
 
 def check_expression(matrix, name: str, counts: bool) -> None:
     """Check an expression matrix: finite values; with ``counts``, non-negative integers.
 
-    Works chunk by chunk, so a large dense or sparse matrix is never copied whole.
+    Works chunk by chunk, so a large dense or sparse matrix is never copied whole. Errors name
+    the row (cell) of the first offending value.
     """
     if matrix is None:
         raise ValueError(f"{name} is empty (None).")
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
         raise ValueError(f"{name} has shape {tuple(matrix.shape)}: no cells or no genes.")
-    for start, values in _iter_row_chunks(matrix):
+    hint = (
+        "Register the counts layer (layer='counts') or use likelihood='gaussian' for "
+        "log-normalised data."
+    )
+    for values, row_of in _iter_chunks(matrix):
         if values.dtype.kind not in "biuf":
             raise TypeError(f"{name} has non-numeric dtype {values.dtype}.")
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            raise ValueError(
-                f"{name} contains NaN or infinite values (in rows {start}.."
-                f"{min(start + _CHUNK_ROWS, matrix.shape[0]) - 1}). Remove or impute them "
-                "before setup."
-            )
+        flat = values.reshape(-1)
+        if values.dtype.kind == "f":
+            bad = ~np.isfinite(flat)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise ValueError(
+                    f"{name} contains NaN or infinite values (the first, {flat[i]}, in row "
+                    f"{row_of(i)}). Remove or impute them before setup."
+                )
         if counts:
-            if (values < 0).any():
+            bad = flat < 0
+            if bad.any():
+                i = int(np.argmax(bad))
                 raise ValueError(
-                    f"{name} has negative values, but likelihood='nb' needs raw counts. Register "
-                    "the counts layer (layer='counts') or use likelihood='gaussian' for "
-                    "log-normalised data."
+                    f"{name} has negative values (the first, {flat[i]}, in row {row_of(i)}), "
+                    f"but likelihood='nb' needs raw counts. {hint}"
                 )
-            if values.dtype.kind == "f" and (np.round(values) != values).any():
-                raise ValueError(
-                    f"{name} has non-integer values, but likelihood='nb' needs raw counts. "
-                    "Register the counts layer (layer='counts') or use likelihood='gaussian' "
-                    "for log-normalised data."
-                )
+            if values.dtype.kind == "f":
+                bad = np.round(flat) != flat
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise ValueError(
+                        f"{name} has non-integer values (the first, {flat[i]}, in row "
+                        f"{row_of(i)}), but likelihood='nb' needs raw counts. {hint}"
+                    )
 
 
 def check_setup_columns(

@@ -142,7 +142,17 @@ class ControlMeanBaseline:
     def predict_counterfactual(
         self, adata: ad.AnnData, treatment: str, dose=None, **kwargs
     ) -> ad.AnnData:
-        """Each cell's context control mean (the treatment is ignored)."""
+        """Each cell's context control mean (the treatment is ignored).
+
+        Examples
+        --------
+        >>> from fcr_tools.data import simulate_screen
+        >>> adata = simulate_screen(n_cells_per_condition=5, n_genes=20)
+        >>> base = ControlMeanBaseline(adata, "drug", "cell_line", dose_key="dose")
+        >>> controls = adata[adata.obs["drug"] == "control"]
+        >>> base.predict_counterfactual(controls, treatment="drug_1", dose=0.3).n_vars
+        20
+        """
         return self._means.predict(adata, treatment, dose, lambda t, d, ctx: 0.0)
 
 
@@ -201,7 +211,17 @@ class AdditiveBaseline:
     def predict_counterfactual(
         self, adata: ad.AnnData, treatment: str, dose=None, **kwargs
     ) -> ad.AnnData:
-        """Context control mean + the treatment's average shift in the other contexts."""
+        """Context control mean + the treatment's average shift in the other contexts.
+
+        Examples
+        --------
+        >>> from fcr_tools.data import simulate_screen
+        >>> adata = simulate_screen(n_cells_per_condition=5, n_genes=20)
+        >>> add = AdditiveBaseline(adata, "drug", "cell_line", dose_key="dose")
+        >>> controls = adata[adata.obs["drug"] == "control"]
+        >>> add.predict_counterfactual(controls, treatment="drug_1", dose=0.3).n_vars
+        20
+        """
 
         def shift_fn(t, d, contexts):
             if t == self._means.control:

@@ -18,7 +18,33 @@ BLOCK_TITLES = {"x": "z_x (covariates)", "t": "z_t (treatment)", "tx": "z_tx (in
 def block_umap(
     adata: ad.AnnData, use_rep: str, n_neighbors: int = 15, random_state: int = 0
 ) -> np.ndarray:
-    """UMAP coordinates of one embedding, computed without modifying ``adata``."""
+    """UMAP coordinates of one embedding, computed without modifying ``adata``.
+
+    Parameters
+    ----------
+    adata
+        Cells with the embedding in ``obsm``.
+    use_rep
+        The obsm key of the embedding, e.g. ``"X_fcr_tx"``.
+    n_neighbors
+        Neighbourhood size of the kNN graph.
+    random_state
+        Seed of the UMAP.
+
+    Returns
+    -------
+    Array ``(n_cells, 2)`` of UMAP coordinates.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anndata as ad
+    >>> import fcr_tools
+    >>> rng = np.random.default_rng(0)
+    >>> adata = ad.AnnData(obsm={"X_fcr_tx": rng.normal(size=(60, 4))})
+    >>> fcr_tools.pl.block_umap(adata, "X_fcr_tx").shape
+    (60, 2)
+    """
     if use_rep not in adata.obsm:
         raise KeyError(f"obsm[{use_rep!r}] not found; run model.write_latents(adata) first.")
     rep = np.asarray(adata.obsm[use_rep], dtype=np.float32)

@@ -1,0 +1,402 @@
+"""Scale benchmark: one training epoch of FCR on simulated sparse screens of growing size.
+
+Writes ``scale.json`` and ``scale.md`` (with the command) to ``--out``. The command that made
+the committed results::
+
+    python benchmarks/scale.py --sizes 10000 100000 500000 --n-genes 2000 --threads 1 \
+        --out benchmarks/results
+
+(One torch thread: on the shared two-core machine of the committed run, two threads that
+compete with other processes made each step more than ten times slower.)
+
+Steps:
+
+1. **Data.** One screen of ``max(sizes)`` cells x ``n_genes`` genes is simulated with the
+   generative model of :func:`fcr_tools.data.simulate_screen` (4 cell lines, 6 drugs at 3
+   doses, controls; its parameters come from ``simulate_screen`` itself) but in chunks of
+   cells, so that only the sparse result is held whole (``simulate_screen`` builds dense
+   matrices: 5e5 x 2000 would need tens of GB). ``X`` is log-normalised CSR float32. Cells
+   are in random order; the first ``n`` cells of each size are written to
+   ``screen_<n>.h5ad`` in the data folder (reused by later runs with ``--data``).
+2. **Measure**, in a fresh process per size: read the screen (the AnnData's resident memory
+   is recorded), reset the process' peak resident memory (``/proc/self/clear_refs``),
+   then ``setup_anndata``, build ``FCRModel`` (default sizes), build the control-partner pool
+   and draw a partner for every cell (timed), and ``train(max_epochs=1)`` (default batch size
+   256, train 90% / validation 10%). The peak resident memory after that, minus the memory
+   after loading, is the model's overhead over the data. The epoch is timed in wall-clock and
+   in CPU seconds (CPU time is less sensitive to other processes on a shared machine).
+
+Run ``python benchmarks/scale.py --help`` for the options (e.g. ``--accelerator gpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MiB = 2**20
+N_CELL_LINES, N_DRUGS, DOSES = 4, 6, (0.1, 0.3, 1.0)
+LIBRARY_SIZE = (6.0, 0.3)  # about 400 counts per cell over 2,000 genes: ~15% non-zero
+CHUNK = 5_000
+
+
+# ------------------------------------------------------------------------------ memory
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _rss() -> int:
+    try:
+        return _status("VmRSS")
+    except (OSError, KeyError):  # not Linux
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def _reset_peak() -> bool:
+    """Reset the peak resident memory (VmHWM) to the current one; False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status("VmHWM") <= _rss() * 1.05
+    except (OSError, KeyError):
+        return False
+
+
+def _peak(reset_worked: bool) -> int:
+    if reset_worked:
+        return _status("VmHWM")
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# ------------------------------------------------------------------------------ data
+def generate(folder: Path, sizes: list[int], n_genes: int, seed: int) -> dict:
+    """Simulate ``max(sizes)`` cells chunk by chunk; write the first ``n`` cells for each size.
+
+    Files: ``folder / f"screen_{n}.h5ad"`` (sparse CSR X), and ``generation.json``.
+    """
+    n_cells = max(sizes)
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+
+    from fcr_tools.data import simulate_screen
+    from fcr_tools.data._simulate import CONTROL, _lognormalize, _Model, _sample_counts
+
+    start = time.perf_counter()
+    # the generative parameters of a screen of this design (a few cells only)
+    template = simulate_screen(
+        n_cell_lines=N_CELL_LINES,
+        n_treatments=N_DRUGS,
+        doses=DOSES,
+        n_cells_per_condition=1,
+        n_genes=n_genes,
+        library_size=LIBRARY_SIZE,
+        seed=seed,
+    )
+    model = _Model(template.uns["fcr_simulation"])
+    lines, drugs, doses, vectors, weights = [], [], [], [], []
+    for c in range(N_CELL_LINES):
+        for drug, dose in [(CONTROL, 0.0)] + [(d, x) for d in model.drugs for x in DOSES]:
+            lines.append(c)
+            drugs.append(drug)
+            doses.append(dose)
+            vectors.append(model.dose_vector(drug, dose if drug != CONTROL else None))
+            weights.append(len(DOSES) if drug == CONTROL else 1)  # as simulate_screen
+    lines, vectors = np.array(lines), np.stack(vectors)
+    weights = np.array(weights, float) / np.sum(weights)
+
+    rng = np.random.default_rng(seed + 1)
+    conditions = rng.choice(len(lines), size=n_cells, p=weights)
+    blocks = []
+    for first in range(0, n_cells, CHUNK):
+        cond = conditions[first : first + CHUNK]
+        c, h = lines[cond], model.hill(vectors[cond])
+        latents = []
+        for mu, sd in (model.law_x(c), model.law_t(h), model.law_tx(c, h)):
+            latents.append((mu + sd * rng.standard_normal(mu.shape)).astype(np.float32))
+        rho = model.rho(np.concatenate(latents, axis=1).astype(np.float64))
+        library = np.exp(rng.normal(*LIBRARY_SIZE, len(cond)))
+        counts = _sample_counts(rng, library[:, None] * rho, model.theta)
+        blocks.append(sparse.csr_matrix(_lognormalize(counts).astype(np.float32)))
+        del rho, counts
+    X = sparse.vstack(blocks, format="csr")
+    del blocks
+    obs = pd.DataFrame(
+        {
+            "cell_line": pd.Categorical(np.array(model.cell_lines)[lines[conditions]]),
+            "drug": pd.Categorical(np.array(drugs, dtype=object)[conditions]),
+            "dose": np.array(doses)[conditions],
+        },
+        index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
+    )
+    var = pd.DataFrame(index=template.var_names.copy())
+    seconds, peak = time.perf_counter() - start, _peak(False)
+    for n in sizes:
+        ad.AnnData(X=X[:n], obs=obs.iloc[:n], var=var).write_h5ad(folder / f"screen_{n}.h5ad")
+    record = {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "density": float(X.nnz / (n_cells * n_genes)),
+        "seconds": seconds,
+        "peak_rss_mib": peak / MiB,
+        "seed": seed,
+    }
+    (folder / "generation.json").write_text(json.dumps(record))
+    return record
+
+
+# ------------------------------------------------------------------------------ one size
+def measure(
+    data: Path, n_cells: int, accelerator: str, batch_size: int, threads: int | None
+) -> dict:
+    """Load ``n_cells`` cells, set up, build and train FCR for one epoch; time and memory."""
+    import anndata as ad
+    import scvi
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from fcr_tools import FCRModel
+    from fcr_tools._pairing import FCRDataLoader
+
+    if threads:
+        torch.set_num_threads(threads)
+    scvi.settings.seed = 0
+    scvi.settings.logging_dir = Path(tempfile.mkdtemp())
+    rss_start = _rss()
+    adata = ad.read_h5ad(data / f"screen_{n_cells}.h5ad")
+    X = adata.X
+    rss_loaded = _rss()
+    reset_worked = _reset_peak()
+
+    class EpochTimer(Callback):
+        def on_train_epoch_start(self, trainer, module):
+            self.start = time.perf_counter(), time.process_time()
+
+        def on_train_epoch_end(self, trainer, module):  # after validation
+            self.seconds = time.perf_counter() - self.start[0]
+            self.cpu_seconds = time.process_time() - self.start[1]
+
+    timer = EpochTimer()
+    t0 = time.perf_counter(), time.process_time()
+    FCRModel.setup_anndata(
+        adata, treatment_key="drug", dose_key="dose", covariate_keys="cell_line"
+    )
+    t1 = time.perf_counter(), time.process_time()
+    model = FCRModel(adata)
+    t2 = time.perf_counter(), time.process_time()
+    loader = FCRDataLoader(model.adata_manager, pair_controls=True, batch_size=batch_size)
+    t3 = time.perf_counter(), time.process_time()
+    loader.dataset.pool.sample(np.arange(adata.n_obs))
+    t4 = time.perf_counter(), time.process_time()
+    del loader
+    model.train(
+        max_epochs=1,
+        batch_size=batch_size,
+        accelerator=accelerator,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    t5 = time.perf_counter(), time.process_time()
+    peak = _peak(reset_worked)
+    device = str(next(model.module.parameters()).device)
+    if device.startswith("cuda"):
+        device += f" ({torch.cuda.get_device_name()})"
+    return {
+        "n_cells": adata.n_obs,
+        "n_genes": adata.n_vars,
+        "nnz": int(X.nnz),
+        "x_mib": (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / MiB,
+        "anndata_rss_mib": (rss_loaded - rss_start) / MiB,
+        "rss_after_load_mib": rss_loaded / MiB,
+        "peak_rss_mib": peak / MiB,
+        "overhead_mib": (peak - rss_loaded) / MiB,
+        "peak_is_since_load": reset_worked,
+        "setup_s": t1[0] - t0[0],
+        "setup_cpu_s": t1[1] - t0[1],
+        "model_init_s": t2[0] - t1[0],
+        "pairing_pool_s": t3[0] - t2[0],
+        "pairing_pool_cpu_s": t3[1] - t2[1],
+        "pairing_draw_all_s": t4[0] - t3[0],
+        "pairing_draw_all_cpu_s": t4[1] - t3[1],
+        "epoch_s": getattr(timer, "seconds", float("nan")),
+        "epoch_cpu_s": getattr(timer, "cpu_seconds", float("nan")),
+        "train_call_s": t5[0] - t4[0],
+        "n_train_steps": int(np.ceil(len(model.train_indices) / batch_size)),
+        "batch_size": batch_size,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "train_loss": float(model.history["train_loss"].to_numpy(dtype=float).ravel()[-1]),
+    }
+
+
+# ------------------------------------------------------------------------------ driver
+def _machine() -> dict:
+    import torch
+
+    import fcr_tools
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fcr_tools": fcr_tools.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Scale benchmark: one training epoch on sparse simulated screens",
+        "",
+        "Produced by (from the repository root):",
+        "",
+        "```bash",
+        result["command"],
+        "```",
+        "",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPU cores, {m['memory_gib']:.0f} GiB; "
+        f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} "
+        f"(a shared machine: times are indicative); Python {m['python']}, torch {m['torch']}, "
+        f"fcr_tools {m['fcr_tools']}; {result['date']}.",
+        "",
+        f"Data: {result['data']['n_genes']} genes, sparse CSR float32 log-normalised `X` "
+        f"({100 * result['data']['density']:.0f}% non-zero), 4 cell lines x 6 drugs x 3 doses + "
+        "controls; generated chunk by chunk in "
+        f"{result['data']['seconds']:.0f} s (peak {result['data']['peak_rss_mib']:.0f} MiB). "
+        "Model: `FCRModel` defaults (latents 16+16+16, 128 hidden units, gaussian), "
+        f"batch size {result['runs'][0]['batch_size']}, one epoch = train (90% of cells) + "
+        "validation (10%).",
+        "",
+        "| cells | X (MiB) | AnnData RSS (MiB) | peak RSS (MiB) | overhead over data (MiB) "
+        "| setup CPU (s) | pairing pool + draw CPU (s) | epoch wall (s) | epoch CPU (s) "
+        "| steps | device |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            f"| {r['n_cells']:,} | {r['x_mib']:.0f} | {r['anndata_rss_mib']:.0f} | "
+            f"{r['peak_rss_mib']:.0f} | {r['overhead_mib']:.0f} | {r['setup_cpu_s']:.2f} | "
+            f"{r['pairing_pool_cpu_s'] + r['pairing_draw_all_cpu_s']:.2f} | {r['epoch_s']:.1f} | "
+            f"{r['epoch_cpu_s']:.1f} | "
+            f"{r['n_train_steps']} | {r['device']}, {r['torch_threads']} torch "
+            f"thread{'s' if r['torch_threads'] != 1 else ''} |"
+        )
+    lines += [
+        "",
+        "*X*: bytes of the CSR arrays; *AnnData RSS*: resident memory added by loading the "
+        "AnnData; *peak RSS*: the process' peak resident memory during setup, model building, "
+        "pairing and the epoch (Python, torch and scvi-tools included); *overhead*: peak RSS "
+        "minus the resident memory after loading the data. *pairing*: building the pool of "
+        "control partners per covariate group and drawing one for every cell. *epoch*: one "
+        "pass over the training cells plus validation, in wall-clock and in CPU seconds of "
+        "the process. *setup*, *pairing*: CPU seconds (`setup_anndata` checks and registers "
+        "the data; the pool is built once per training run). Wall-clock times of every step "
+        "are in `scale.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 500_000])
+    parser.add_argument("--n-genes", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--data", type=Path, help="folder of simulated screens to reuse (default: a temp folder)"
+    )
+    parser.add_argument("--_measure", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._measure is not None:  # child process: one size
+        info = measure(args.data, args._measure, args.accelerator, args.batch_size, args.threads)
+        args._json.write_text(json.dumps(info))
+        return
+
+    command = "python benchmarks/scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    data = args.data or Path(tempfile.mkdtemp(prefix="fcr_scale_"))
+    out_json = data / "child.json"
+    base = [sys.executable, __file__, "--n-genes", str(args.n_genes), "--data", str(data)]
+    base += ["--seed", str(args.seed), "--_json", str(out_json)]
+    result = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": _machine(),
+    }
+    missing = [n for n in args.sizes if not (data / f"screen_{n}.h5ad").exists()]
+    if missing:
+        data.mkdir(parents=True, exist_ok=True)
+        print(f"simulating {max(args.sizes):,} cells x {args.n_genes} genes ...", flush=True)
+        code = (
+            "import sys, json; sys.path.insert(0, sys.argv[1]); from scale import generate; "
+            "from pathlib import Path; generate(Path(sys.argv[2]), json.loads(sys.argv[3]), "
+            "int(sys.argv[4]), int(sys.argv[5]))"
+        )
+        here = str(Path(__file__).resolve().parent)
+        sizes = json.dumps(sorted(args.sizes))
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                here,
+                str(data),
+                sizes,
+                str(args.n_genes),
+                str(args.seed),
+            ],
+            check=True,
+        )
+    result["data"] = json.loads((data / "generation.json").read_text())
+    runs = []
+    for n in sorted(args.sizes):
+        print(f"measuring {n:,} cells ...", flush=True)
+        extra = ["--accelerator", args.accelerator, "--batch-size", str(args.batch_size)]
+        extra += ["--threads", str(args.threads)] if args.threads else []
+        subprocess.run([*base, *extra, "--_measure", str(n)], check=True)
+        runs.append(json.loads(out_json.read_text()))
+        print(json.dumps(runs[-1]), flush=True)
+    result["runs"] = runs
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "scale.md").write_text(_markdown(result))
+    print((args.out / "scale.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""fcr_tools.tl.interaction_effects: structure, consistency with the counterfactuals, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fcr_tools
+from fcr_tools.tl import interaction_effects
+
+COLUMNS = [
+    "cell_line",
+    "context",
+    "treatment",
+    "dose",
+    "n_cells",
+    "strength",
+    "specificity",
+    "effect",
+    "fraction",
+    "latent_strength",
+    "top_genes",
+]
+
+
+def test_one_row_per_context_and_treatment(trained_model, adata, snapshot):
+    check = snapshot(adata)
+    effects, genes = interaction_effects(trained_model, n_top_genes=4, return_gene_effects=True)
+    check(adata)
+    assert list(effects.columns) == COLUMNS
+    contexts = sorted(adata.obs["cell_line"].unique())
+    treatments = [f"drug_{k}" for k in range(4)]
+    assert len(effects) == len(contexts) * len(treatments)
+    assert sorted(effects["context"].unique()) == contexts
+    assert sorted(effects["treatment"].unique()) == treatments
+    controls = adata.obs[adata.obs["drug"] == "control"].groupby("cell_line", observed=True).size()
+    for _, row in effects.iterrows():
+        assert row["n_cells"] == controls[row["cell_line"]]
+        assert len(row["top_genes"]) == 4 and set(row["top_genes"]) <= set(adata.var_names)
+    for column in ["strength", "specificity", "effect", "latent_strength"]:
+        assert np.isfinite(effects[column]).all() and (effects[column] >= 0).all(), column
+    assert genes.shape == (len(effects), adata.n_vars)
+    assert list(genes.columns) == list(adata.var_names)
+    # the strongest gene by |a - b| is listed first
+    for (_, row), (_, gene_row) in zip(effects.iterrows(), genes.iterrows(), strict=True):
+        assert row["top_genes"][0] == gene_row.abs().idxmax()
+
+
+def test_effect_is_the_counterfactual_response(trained_model, adata):
+    """``effect`` is the RMS change predict_counterfactual gives from control to treated."""
+    effects = interaction_effects(trained_model, treatments="drug_2", dose=0.3)
+    for _, row in effects.iterrows():
+        controls = adata[
+            (adata.obs["drug"] == "control") & (adata.obs["cell_line"] == row["cell_line"])
+        ].copy()
+        treated = trained_model.predict_counterfactual(controls, treatment="drug_2", dose=0.3)
+        untreated = trained_model.predict_counterfactual(controls, treatment="control")
+        rms = np.sqrt(((treated.X - untreated.X) ** 2).mean(1)).mean()
+        np.testing.assert_allclose(row["effect"], rms, rtol=1e-4)
+        assert row["fraction"] == pytest.approx(row["strength"] / row["effect"])
+    assert (effects["dose"] == 0.3).all()
+
+
+def test_one_context_has_no_specificity(make_screen, build_model):
+    model = build_model(make_screen(), setup={"covariate_keys": None}, train={"max_epochs": 1})
+    effects = interaction_effects(model, treatments=["drug_0", "drug_1"])
+    assert list(effects["context"]) == ["all", "all"]
+    assert "cell_line" not in effects.columns
+    np.testing.assert_allclose(effects["specificity"], 0.0, atol=1e-6)
+
+
+def test_subsampling_and_counts_model(make_screen, build_model):
+    adata = make_screen()
+    model = build_model(adata, setup={"layer": "counts"}, likelihood="nb", train={"max_epochs": 1})
+    effects = fcr_tools.tl.interaction_effects(model, max_cells_per_context=5, seed=1)
+    assert (effects["n_cells"] == 5).all()
+    assert np.isfinite(effects[["strength", "effect"]].to_numpy()).all()
+
+
+def test_bad_arguments(trained_model):
+    with pytest.raises(ValueError, match="control"):
+        interaction_effects(trained_model, treatments="control")
+    with pytest.raises(ValueError, match="drug_9"):
+        interaction_effects(trained_model, treatments="drug_9")
+    with pytest.raises(ValueError, match="max_cells_per_context"):
+        interaction_effects(trained_model, max_cells_per_context=0)
+    treated = trained_model.adata[trained_model.adata.obs["drug"] != "control"].copy()
+    with pytest.raises(ValueError, match="no control cells"):
+        interaction_effects(trained_model, adata=treated)
