@@ -152,22 +152,19 @@ class FCRDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _rows(self, rows: np.ndarray, keys=None) -> dict[str, np.ndarray]:
-        # fetch each distinct row once, in sorted order (backed AnnData needs it)
-        unique, inverse = np.unique(rows, return_inverse=True)
-        data = self.base[unique]
-        if keys is not None:
-            data = {k: data[k] for k in keys}
-        return {k: v[inverse] for k, v in data.items()}
-
     def __getitem__(self, positions) -> dict[str, np.ndarray]:
         rows = self.indices[np.atleast_1d(np.asarray(positions))]
-        batch = self._rows(rows)
+        n = len(rows)
+        partners = self.pool.sample(rows) if self.pool is not None else rows[:0]
+        # one read for cells and partners: each distinct row once, in sorted order (backed
+        # AnnData needs it), then back to the requested order
+        unique, inverse = np.unique(np.concatenate([rows, partners]), return_inverse=True)
+        data = self.base[unique]
+        batch = {key: values[inverse[:n]] for key, values in data.items()}
         batch[TREATMENT_IDX_KEY] = self.t_idx[rows]
         batch[TREATMENT_DOSE_KEY] = self.t_dose[rows]
         if self.pool is not None:
-            partners = self.pool.sample(rows)
-            batch[CONTROL_X_KEY] = self._rows(partners, keys=[X_KEY])[X_KEY]
+            batch[CONTROL_X_KEY] = data[X_KEY][inverse[n:]]
         return batch
 
 
