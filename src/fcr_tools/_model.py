@@ -770,7 +770,13 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         adata = self._validate_anndata(adata)
         self.module.eval()
         loader = self._loader(adata, indices, batch_size)
-        means, scales = [], []
+        rows = loader.indices
+        # written batch by batch into preallocated float32 arrays: the output is the only
+        # full-size copy (no list of batches, no concatenation, no cast)
+        shape = (len(rows), self.summary_stats.n_vars)
+        means = np.empty(shape, dtype=np.float32)
+        scales = np.empty(shape, dtype=np.float32) if self.module.likelihood == "nb" else None
+        start = 0
         for tensors in loader:
             n = tensors["X"].shape[0]
             out = self.module.counterfactual(
@@ -779,13 +785,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
                 torch.as_tensor(np.repeat(target_dose, n, axis=0)),
                 mode=mode,
             )
-            means.append(out["mean"].cpu().numpy())
-            if "scale" in out:
-                scales.append(out["scale"].cpu().numpy())
-        rows = loader.indices
-        return self._counterfactual_anndata(
-            adata, rows, np.concatenate(means), scales, treatment, dose, mode
-        )
+            means[start : start + n] = out["mean"].cpu().numpy()
+            if scales is not None:
+                scales[start : start + n] = out["scale"].cpu().numpy() * 1e4
+            start += n
+        return self._counterfactual_anndata(adata, rows, means, scales, treatment, dose, mode)
 
     def _counterfactual_anndata(self, adata, rows, means, scales, treatment, dose, mode):
         setup = self.registry_[_SETUP_ARGS_KEY]
@@ -801,11 +805,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         if self.dose_key is not None:
             obs[self.dose_key] = dose
         genes = adata.mod[mods["rna_layer"]] if mods else adata
-        result = ad.AnnData(
-            X=means.astype(np.float32), obs=obs, var=pd.DataFrame(index=genes.var_names.copy())
-        )
-        if scales:
-            result.layers["normalized"] = (np.concatenate(scales) * 1e4).astype(np.float32)
+        result = ad.AnnData(X=means, obs=obs, var=pd.DataFrame(index=genes.var_names.copy()))
+        if scales is not None:  # counts per 10,000
+            result.layers["normalized"] = scales
         result.uns["fcr_counterfactual"] = {
             "treatment": str(treatment),
             "dose": str(dose),
