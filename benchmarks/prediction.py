@@ -33,6 +33,9 @@ from fcr_tools.data import simulate_screen
 from fcr_tools.metrics import score_heldout_groups
 
 PEERS = Path(__file__).resolve().parent / "peers"
+# biolord's package defaults: its sci-Plex3 preset (a 4 x 4096 decoder, built for a GPU) takes
+# about 10 s per epoch on this screen with 2 CPU threads, some 30 minutes per training run
+PEER_ARGS = {"biolord": ["--preset", "default"], "cpa": []}
 SETUP = {"treatment_key": "drug", "dose_key": "dose", "covariate_keys": "cell_line"}
 SCORES = ["r2_all", "r2_deg20", "r2_deg50", "r2_delta", "pearson_delta_deg20", "energy_distance"]
 
@@ -75,17 +78,19 @@ def run_peer(name: str, train: ad.AnnData, queries: list[dict], epochs: int, see
         query_path.write_text(json.dumps(queries))
         cmd = [str(python), str(PEERS / f"run_{name}.py"), "--train", str(train_path)]
         cmd += ["--queries", str(query_path), "--out", str(out)]
-        cmd += ["--epochs", str(epochs), "--seed", str(seed)]
+        cmd += ["--epochs", str(epochs), "--seed", str(seed), *PEER_ARGS[name]]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
             raise RuntimeError(f"{name} failed: {done.stderr.strip().splitlines()[-1:]}")
         return ad.read_h5ad(out)
 
 
-def run_world(screen: dict, seed: int, epochs: dict, peers: list[str]) -> tuple[list, dict]:
+def run_world(
+    screen: dict, seed: int, epochs: dict, peers: list[str], model_kwargs: dict
+) -> tuple[list, dict]:
     adata = simulate_screen(**screen, seed=seed)
     train = adata[adata.obs["split"] == "train"].copy()
-    model, _ = train_fcr(train.copy(), SETUP, {}, {}, epochs["fcr"], seed)
+    model, _ = train_fcr(train.copy(), SETUP, model_kwargs, {}, epochs["fcr"], seed)
     predictors = {
         "FCR": model,
         "additive": AdditiveBaseline(train, "drug", "cell_line", dose_key="dose"),
@@ -112,6 +117,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help='FCRModel arguments as JSON, e.g. \'{"interaction_prior": "linear"}\'',
+    )
+    parser.add_argument("--name", default="prediction", help="result file name")
     args = parser.parse_args(argv)
 
     screen = {
@@ -137,7 +149,11 @@ def main(argv=None):
     for strength in (1.0, 0.0):
         for seed in seeds:
             table, failed = run_world(
-                {**screen, "interaction_strength": strength}, seed, epochs, peers
+                {**screen, "interaction_strength": strength},
+                seed,
+                epochs,
+                peers,
+                args.model_kwargs,
             )
             table["interactions"] = "yes" if strength > 0 else "no (additive world)"
             tables.append(table)
@@ -149,15 +165,24 @@ def main(argv=None):
     notes = [f"- {name}: not run: {why}" for name, why in failures.items()]
     status = peer_status()
     notes += [f"- {name} install: {info}" for name, info in status.items()]
+    flags = " --quick" * args.quick + " --no-peers" * args.no_peers
+    if args.model_kwargs:
+        flags += f" --model-kwargs '{json.dumps(args.model_kwargs)}'"
+    if args.name != "prediction":
+        flags += f" --name {args.name}"
     write_results(
-        "prediction" + ("_quick" if args.quick else ""),
-        "python benchmarks/prediction.py" + (" --quick" if args.quick else ""),
+        args.name + ("_quick" if args.quick else ""),
+        "python benchmarks/prediction.py" + flags,
         {
             "title": "Held-out pair prediction on simulated screens",
             "description": (
-                f"Screen: {screen}; FCR with default settings, {epochs['fcr']} epochs. Scores "
+                f"Screen: {screen}; FCR with {args.model_kwargs or 'default settings'}, "
+                f"{epochs['fcr']} epochs. Scores "
                 "are averaged over the held-out (cell line, drug, dose) groups of each seed, "
-                "then mean ± sd over seeds. Truth: the observed held-out cells."
+                "then mean ± sd over seeds. Truth: the observed held-out cells. Peers: "
+                f"biolord with its package defaults ({' '.join(PEER_ARGS['biolord'])}), CPA "
+                "with the settings of its drug-screen tutorial (early stopping), both capped "
+                "at the epochs below; see benchmarks/peers/README.md."
             ),
             "notes": notes,
             "epochs": epochs,

@@ -484,3 +484,22 @@ def test_prediction_on_a_view_leaves_the_parent_alone(trained_model, make_screen
     pred = trained_model.predict_counterfactual(view, treatment="drug_2")
     assert pred.n_obs == 20
     check(parent)
+
+
+def test_linear_interaction_prior_trains_predicts_and_reloads(adata, build_model, tmp_path):
+    model = build_model(adata, interaction_prior="linear")
+    head = model.module.priors["tx"].net
+    assert [type(layer).__name__ for layer in head] == ["Linear"]
+    pred = model.predict_counterfactual(treatment="drug_1", dose=1.0)
+    assert np.isfinite(pred.X).all()
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = FCRModel.load(tmp_path / "m", adata=adata)
+    assert loaded.module.interaction_prior == "linear"
+    np.testing.assert_allclose(
+        loaded.predict_counterfactual(treatment="drug_1", dose=1.0).X, pred.X, rtol=1e-5
+    )
+
+
+def test_unknown_interaction_prior_is_rejected(adata, build_model):
+    with pytest.raises(ValueError, match="interaction_prior must be 'mlp' or 'linear'"):
+        build_model(adata, train=False, interaction_prior="deep")

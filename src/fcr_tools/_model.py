@@ -106,6 +106,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
     likelihood
         ``"gaussian"`` for log-normalised expression (the paper's default) or ``"nb"`` for raw
         counts (negative binomial with the observed library size, as in scVI).
+    interaction_prior
+        Network of the interaction prior p(z_tx | x, t) on k_t(t) * e_x(x): ``"mlp"`` (one
+        hidden layer, the paper's choice) or ``"linear"`` (mean and log-variance linear in
+        it: a bilinear context x treatment law). Predictions for pairs never measured rest
+        on this network; see the benchmarks page for how the two compare.
 
     Examples
     --------
@@ -136,6 +141,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         n_covariate_embed: int = 16,
         dropout_rate: float = 0.1,
         likelihood: Literal["gaussian", "nb"] = "gaussian",
+        interaction_prior: Literal["mlp", "linear"] = "mlp",
     ):
         super().__init__(adata, registry)
         if adata is not None:
@@ -143,6 +149,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             self.adata_manager.validate()
         if likelihood not in ("gaussian", "nb"):
             raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
+        if interaction_prior not in ("mlp", "linear"):
+            raise ValueError(
+                f"interaction_prior must be 'mlp' or 'linear', not {interaction_prior!r}."
+            )
         for name, value in [
             ("n_latent_x", n_latent_x),
             ("n_latent_t", n_latent_t),
@@ -172,6 +182,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             n_covariate_embed=n_covariate_embed,
             dropout_rate=dropout_rate,
             likelihood=likelihood,
+            interaction_prior=interaction_prior,
         )
         covariates = self.covariate_keys or ["none"]
         self._model_summary_string = (

@@ -68,6 +68,9 @@ class FCRModule(BaseModuleClass):
         Dropout in the expression encoder.
     likelihood
         ``"gaussian"`` for log-normalised data, ``"nb"`` for raw counts.
+    interaction_prior
+        ``"mlp"`` (one hidden layer) or ``"linear"``: the network of p(z_tx | x, t) on
+        k_t(t) * e_x(x).
 
     Examples
     --------
@@ -107,10 +110,16 @@ class FCRModule(BaseModuleClass):
         n_covariate_embed: int = 16,
         dropout_rate: float = 0.1,
         likelihood: Literal["gaussian", "nb"] = "gaussian",
+        interaction_prior: Literal["mlp", "linear"] = "mlp",
     ):
         super().__init__()
         if likelihood not in ("gaussian", "nb"):
             raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
+        if interaction_prior not in ("mlp", "linear"):
+            raise ValueError(
+                f"interaction_prior must be 'mlp' or 'linear', not {interaction_prior!r}."
+            )
+        self.interaction_prior = interaction_prior
         self.likelihood = likelihood
         self.n_input = n_input
         self.n_cats_per_cov = list(n_cats_per_cov)
@@ -143,7 +152,11 @@ class FCRModule(BaseModuleClass):
             {
                 "x": GaussianHead(n_cov, n_latent_x, n_hidden, 1),
                 "t": GaussianHead(n_t, n_latent_t, n_hidden, 1),
-                "tx": GaussianHead(n_cov, n_latent_tx, n_hidden, 1),
+                # "linear": mean and variance linear in k_t(t) * e_x(x) (a bilinear
+                # interaction law), which extrapolates to unmeasured pairs more safely
+                "tx": GaussianHead(
+                    n_cov, n_latent_tx, n_hidden, 1 if interaction_prior == "mlp" else 0
+                ),
             }
         )
         self.decoder = MLP(n_latent_total, n_input, n_hidden, n_layers)

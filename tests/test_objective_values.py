@@ -1,0 +1,57 @@
+"""The objective's values on one fixed minibatch, recorded.
+
+Performance work (vectorised group statistics, one read for cells and partners, cached group
+ids, ...) must leave the objective unchanged: these values were recorded with the code before
+that work (commit 6804e5e) and reproduced after it. A change to the objective itself (a new
+term, another default weight) must update them on purpose, with a changelog entry.
+"""
+
+import pytest
+import scvi
+import torch
+
+from conftest import SETUP, TINY
+from fcr_tools import FCRModel
+from fcr_tools._pairing import FCRDataLoader
+
+RECORDED = {
+    "gaussian": {
+        "loss": 1800.786133,
+        "nll_cell": 885.529785,
+        "kl_cell": 3.239949,
+        "aggregate_kl": 3.09096,
+        "covariate_ce": 1.102459,
+        "treatment_ce": 1.504259,
+        "similarity": 0.014867,
+        "adversarial": 1.582189,
+        "discriminator_accuracy": 0.5,
+    },
+    "nb": {
+        "loss": 368.22818,
+        "nll_cell": 177.061951,
+        "kl_cell": 3.260394,
+        "aggregate_kl": 3.100834,
+        "covariate_ce": 1.10393,
+        "treatment_ce": 1.499963,
+        "similarity": 0.052967,
+        "adversarial": 1.582358,
+        "discriminator_accuracy": 0.5,
+    },
+}
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "nb"])
+def test_objective_values_on_a_fixed_batch(adata, likelihood):
+    scvi.settings.seed = 0
+    FCRModel.setup_anndata(adata, **SETUP, layer="counts" if likelihood == "nb" else None)
+    model = FCRModel(adata, likelihood=likelihood, **TINY)
+    module = model.module.eval()
+    scvi.settings.seed = 0  # the control partners are drawn from the seeded generator
+    loader = FCRDataLoader(model.adata_manager, batch_size=96, shuffle=False, pair_controls=True)
+    batch = next(iter(loader))
+    torch.manual_seed(123)
+    _, _, out = module(batch, loss_kwargs={"kl_weight": 1.0})
+    values = {"loss": out.loss.item(), **{k: float(v) for k, v in out.extra_metrics.items()}}
+    assert set(values) == set(RECORDED[likelihood])
+    for key, expected in RECORDED[likelihood].items():
+        assert values[key] == pytest.approx(expected, rel=1e-4, abs=1e-5), key
