@@ -36,6 +36,23 @@ VARIANTS = {
 }
 
 
+def add_model_arguments(parser, name: str) -> None:
+    """``--model-kwargs`` (FCRModel arguments as JSON) and ``--name`` (result file name)."""
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help='FCRModel arguments as JSON, e.g. \'{"interaction_prior": "mlp"}\'',
+    )
+    parser.add_argument("--name", default=name, help=f"result file name (default {name})")
+
+
+def model_flags(args, name: str) -> str:
+    """The command-line flags of :func:`add_model_arguments` that differ from the defaults."""
+    flags = f" --model-kwargs '{json.dumps(args.model_kwargs)}'" if args.model_kwargs else ""
+    return flags + (f" --name {args.name}" if args.name != name else "")
+
+
 def environment() -> dict:
     """Versions and machine facts recorded with every result."""
     import fcr_tools

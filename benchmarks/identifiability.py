@@ -21,7 +21,15 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import VARIANTS, mean_sd, train_cvae, train_fcr, write_results
+from _common import (
+    VARIANTS,
+    add_model_arguments,
+    mean_sd,
+    model_flags,
+    train_cvae,
+    train_fcr,
+    write_results,
+)
 
 from fcr_tools.data import simulate_screen
 from fcr_tools.metrics import block_r2, mean_corr_coef
@@ -60,7 +68,7 @@ def cvae_blocks(z: np.ndarray, adata) -> dict[str, np.ndarray]:
     return blocks
 
 
-def run_one(screen: dict, seed: int, variant: str, epochs: int) -> dict:
+def run_one(screen: dict, seed: int, variant: str, epochs: int, model_kwargs=None) -> dict:
     adata = simulate_screen(**screen, seed=seed)
     dims = {f"n_latent_{b}": screen[f"n_latent_{b}"] for b in BLOCKS}
     if variant == "plain CVAE (scVI)":
@@ -71,7 +79,8 @@ def run_one(screen: dict, seed: int, variant: str, epochs: int) -> dict:
         scores = score_blocks(blocks, adata)
         scores["mcc_tx"] = mean_corr_coef(blocks["tx_best"], adata.obsm["z_tx_true"])
     else:
-        model, seconds = train_fcr(adata, SETUP, dims, VARIANTS[variant], epochs, seed)
+        kwargs = {**dims, **(model_kwargs or {})}
+        model, seconds = train_fcr(adata, SETUP, kwargs, VARIANTS[variant], epochs, seed)
         blocks = {b: model.get_latent_representation(block=b) for b in BLOCKS}
         scores = score_blocks(blocks, adata)
     n_pairs = screen["n_cell_lines"] * screen["n_treatments"]
@@ -83,6 +92,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated subset of the methods (default all)"
+    )
+    parser.add_argument("--no-growth", action="store_true", help="skip the growing screens")
+    add_model_arguments(parser, "identifiability")
     args = parser.parse_args(argv)
 
     screen = {  # simulate_screen's defaults, written out
@@ -102,10 +116,19 @@ def main(argv=None):
         sizes, seeds, epochs = [(2, 2), (2, 3)], range(2), 3
 
     methods = [*VARIANTS, "plain CVAE (scVI)"]
+    if args.methods:
+        methods = [m.strip() for m in args.methods.split(",")]
+        unknown = sorted(set(methods) - {*VARIANTS, "plain CVAE (scVI)"})
+        if unknown:
+            parser.error(
+                f"unknown methods {unknown}; choose from {[*VARIANTS, 'plain CVAE (scVI)']}"
+            )
+    if args.no_growth:
+        sizes = []
     rows = []
     for seed in seeds:
         for method in methods:
-            rows.append(run_one(screen, seed, method, epochs))
+            rows.append(run_one(screen, seed, method, epochs, args.model_kwargs))
             print(pd.DataFrame(rows[-1:]).round(3).to_string(header=False), flush=True)
     by_seed = pd.DataFrame(rows)
 
@@ -113,19 +136,29 @@ def main(argv=None):
     for n_lines, n_drugs in sizes:
         size_screen = {**screen, "n_cell_lines": n_lines, "n_treatments": n_drugs}
         for method in ["FCR", "plain CVAE (scVI)"]:
-            growth.append(run_one(size_screen, 0, method, epochs))
+            growth.append(run_one(size_screen, 0, method, epochs, args.model_kwargs))
             print(pd.DataFrame(growth[-1:]).round(3).to_string(header=False), flush=True)
     growth = pd.DataFrame(growth)
 
     summary = mean_sd(by_seed, ["method"], SCORES)
     command = "python benchmarks/identifiability.py" + (" --quick" if args.quick else "")
+    if args.methods:
+        command += f" --methods '{args.methods}'"
+    command += " --no-growth" * args.no_growth + model_flags(args, "identifiability")
+    tables = {
+        "summary_mean_±_sd_over_seeds": summary,
+        "per_seed": by_seed.round(4),
+    }
+    if len(growth):
+        tables["as_the_number_of_pairs_grows_(seed_0)"] = growth.round(4)
     write_results(
-        "identifiability" + ("_quick" if args.quick else ""),
+        args.name + ("_quick" if args.quick else ""),
         command,
         {
             "title": "Identifiability on simulated screens",
             "description": (
-                f"Screen: {screen} (simulate_screen defaults), {epochs} epochs, latent sizes "
+                f"Screen: {screen} (simulate_screen defaults), {epochs} epochs, FCR model "
+                f"arguments {args.model_kwargs or 'default'}, latent sizes "
                 "equal to the true ones (4 / 4 / 4; the CVAE has one 12-dim latent). "
                 "mcc_tx: MCC of learned vs true z_tx (CVAE: best 4 of its 12 dims). "
                 "r2_b: kNN-regression R2 from the learned block to the true block on "
@@ -134,11 +167,7 @@ def main(argv=None):
                 "one to one to the true components of each block."
             ),
         },
-        {
-            "summary_mean_±_sd_over_seeds": summary,
-            "per_seed": by_seed.round(4),
-            "as_the_number_of_pairs_grows_(seed_0)": growth.round(4),
-        },
+        tables,
     )
 
 

@@ -26,7 +26,7 @@ import anndata as ad
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import mean_sd, train_fcr, write_results
+from _common import add_model_arguments, mean_sd, model_flags, train_fcr, write_results
 
 from fcr_tools.baselines import AdditiveBaseline, ControlMeanBaseline
 from fcr_tools.data import simulate_screen
@@ -117,13 +117,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true")
-    parser.add_argument(
-        "--model-kwargs",
-        type=json.loads,
-        default={},
-        help='FCRModel arguments as JSON, e.g. \'{"interaction_prior": "linear"}\'',
-    )
-    parser.add_argument("--name", default="prediction", help="result file name")
+    add_model_arguments(parser, "prediction")
     args = parser.parse_args(argv)
 
     screen = {
@@ -165,11 +159,9 @@ def main(argv=None):
     notes = [f"- {name}: not run: {why}" for name, why in failures.items()]
     status = peer_status()
     notes += [f"- {name} install: {info}" for name, info in status.items()]
-    flags = " --quick" * args.quick + " --no-peers" * args.no_peers
-    if args.model_kwargs:
-        flags += f" --model-kwargs '{json.dumps(args.model_kwargs)}'"
-    if args.name != "prediction":
-        flags += f" --name {args.name}"
+    flags = (
+        " --quick" * args.quick + " --no-peers" * args.no_peers + model_flags(args, "prediction")
+    )
     write_results(
         args.name + ("_quick" if args.quick else ""),
         "python benchmarks/prediction.py" + flags,

@@ -26,7 +26,7 @@ import scanpy as sc
 from scipy import sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import mean_sd, train_fcr, write_results
+from _common import add_model_arguments, mean_sd, model_flags, train_fcr, write_results
 
 from fcr_tools.baselines import AdditiveBaseline, ControlMeanBaseline
 from fcr_tools.metrics import cluster_scores, score_heldout_groups
@@ -111,6 +111,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=200)
+    add_model_arguments(parser, "semireal")
     args = parser.parse_args(argv)
     seeds, epochs = range(args.seeds), args.epochs
     if args.quick:
@@ -120,7 +121,7 @@ def main(argv=None):
     for seed in seeds:
         adata = make_screen(seed)
         train = adata[adata.obs["split"] == "train"].copy()
-        model, _ = train_fcr(train.copy(), SETUP, {}, {}, epochs, seed)
+        model, _ = train_fcr(train.copy(), SETUP, args.model_kwargs, {}, epochs, seed)
         predictors = {
             "FCR": model,
             "additive": AdditiveBaseline(train, "drug", "cell_type", dose_key="dose"),
@@ -146,15 +147,16 @@ def main(argv=None):
     summary = mean_sd(per_seed, ["method"], SCORES)
     latent = mean_sd(pd.DataFrame(latent_rows), ["block", "labels"], ["nmi", "ari", "silhouette"])
     write_results(
-        "semireal" + ("_quick" if args.quick else ""),
-        "python benchmarks/semireal.py" + (" --quick" if args.quick else ""),
+        args.name + ("_quick" if args.quick else ""),
+        "python benchmarks/semireal.py" + " --quick" * args.quick + model_flags(args, "semireal"),
         {
             "title": "Semi-real check: PBMCs with simulated cell-type-specific drug effects",
             "description": (
                 "Contexts: the 5 largest cell types of scanpy's pbmc68k_reduced (real cells "
                 "as controls); 6 simulated drugs x 2 doses with main effects and a rank-2 "
                 "cell type x drug interaction; 3 (cell type, drug) pairs held out. FCR with "
-                f"default settings, {epochs} epochs. Latent scores: k-means clusters of each "
+                f"{args.model_kwargs or 'default settings'}, {epochs} epochs. Latent scores: "
+                "k-means clusters of each "
                 "block (training cells; drugs on treated cells) vs the labels."
             ),
         },

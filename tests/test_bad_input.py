@@ -376,6 +376,27 @@ def test_load_a_compatible_model_saved_before_versions_were_recorded(saved, trai
     assert FCRModel.load(saved).fcr_version_["fcr_tools"] == __version__
 
 
+def test_load_a_model_saved_before_the_interaction_prior_argument(adata, build_model, tmp_path):
+    """Format 1.0 models had the MLP interaction prior and no argument for it."""
+    model = build_model(adata, interaction_prior="mlp")
+    path = tmp_path / "old"
+    model.save(path, save_anndata=True)
+
+    def edit(content):
+        attrs = content["attr_dict"]
+        attrs["init_params_"]["non_kwargs"].pop("interaction_prior")
+        attrs["fcr_version_"] = {"fcr_tools": "0.1.0", "model_format": "1.0"}
+
+    _edit_saved(path, edit)
+    loaded = FCRModel.load(path)
+    assert loaded.module.interaction_prior == "mlp"
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    # and the next model built in this session has the current default again
+    assert build_model(adata.copy(), train=False).module.interaction_prior == "linear"
+
+
 def test_load_an_incompatible_older_model_names_the_versions(saved):
     def edit(content):
         content["attr_dict"].pop("fcr_version_")

@@ -486,18 +486,26 @@ def test_prediction_on_a_view_leaves_the_parent_alone(trained_model, make_screen
     check(parent)
 
 
-def test_linear_interaction_prior_trains_predicts_and_reloads(adata, build_model, tmp_path):
-    model = build_model(adata, interaction_prior="linear")
+@pytest.mark.parametrize(
+    ("prior", "layers"),
+    [("linear", ["Linear"]), ("mlp", ["Linear", "LayerNorm", "ReLU", "Linear"])],
+)
+def test_interaction_priors_train_predict_and_reload(adata, build_model, tmp_path, prior, layers):
+    model = build_model(adata, interaction_prior=prior)
     head = model.module.priors["tx"].net
-    assert [type(layer).__name__ for layer in head] == ["Linear"]
+    assert [type(layer).__name__ for layer in head] == layers
     pred = model.predict_counterfactual(treatment="drug_1", dose=1.0)
     assert np.isfinite(pred.X).all()
     model.save(tmp_path / "m", overwrite=True)
     loaded = FCRModel.load(tmp_path / "m", adata=adata)
-    assert loaded.module.interaction_prior == "linear"
+    assert loaded.module.interaction_prior == prior
     np.testing.assert_allclose(
         loaded.predict_counterfactual(treatment="drug_1", dose=1.0).X, pred.X, rtol=1e-5
     )
+
+
+def test_default_interaction_prior_is_linear(adata, build_model):
+    assert build_model(adata, train=False).module.interaction_prior == "linear"
 
 
 def test_unknown_interaction_prior_is_rejected(adata, build_model):

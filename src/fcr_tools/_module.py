@@ -69,8 +69,8 @@ class FCRModule(BaseModuleClass):
     likelihood
         ``"gaussian"`` for log-normalised data, ``"nb"`` for raw counts.
     interaction_prior
-        ``"mlp"`` (one hidden layer) or ``"linear"``: the network of p(z_tx | x, t) on
-        k_t(t) * e_x(x).
+        ``"linear"`` (default) or ``"mlp"`` (one hidden layer, the paper's): the network of
+        p(z_tx | x, t) on k_t(t) * e_x(x).
 
     Examples
     --------
@@ -110,7 +110,7 @@ class FCRModule(BaseModuleClass):
         n_covariate_embed: int = 16,
         dropout_rate: float = 0.1,
         likelihood: Literal["gaussian", "nb"] = "gaussian",
-        interaction_prior: Literal["mlp", "linear"] = "mlp",
+        interaction_prior: Literal["linear", "mlp"] = "linear",
     ):
         super().__init__()
         if likelihood not in ("gaussian", "nb"):
@@ -152,8 +152,8 @@ class FCRModule(BaseModuleClass):
             {
                 "x": GaussianHead(n_cov, n_latent_x, n_hidden, 1),
                 "t": GaussianHead(n_t, n_latent_t, n_hidden, 1),
-                # "linear": mean and variance linear in k_t(t) * e_x(x) (a bilinear
-                # interaction law), which extrapolates to unmeasured pairs more safely
+                # "linear": mean and variance parameters linear in k_t(t) * e_x(x) (a
+                # bilinear interaction law), which extrapolates to unmeasured pairs more safely
                 "tx": GaussianHead(
                     n_cov, n_latent_tx, n_hidden, 1 if interaction_prior == "mlp" else 0
                 ),

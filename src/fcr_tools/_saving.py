@@ -8,7 +8,9 @@ from collections.abc import Sequence
 import torch
 from scvi.data._constants import _MODEL_NAME_KEY
 
-MODEL_FORMAT = (1, 0)
+# 1.1: the interaction prior became a model argument (default "linear"); models saved before
+# it have the one-hidden-layer MLP prior
+MODEL_FORMAT = (1, 1)
 
 
 def version_info() -> dict[str, str]:
@@ -39,7 +41,8 @@ def check_saved_model(
 ) -> dict | None:
     """Clear errors for a missing, truncated, foreign or too new saved model.
 
-    Returns the version record of the saved model (``None`` before versions were recorded).
+    Returns the version record of the saved model (``None`` before versions were recorded)
+    and its saved ``__init__`` arguments.
     """
     path = os.fspath(dir_path)
     if not os.path.isdir(path):
@@ -97,4 +100,13 @@ def check_saved_model(
                     f"truncated or corrupt ({err}). Pass adata=... to load the model onto your "
                     "data instead."
                 ) from err
-    return info
+    init = attrs.get("init_params_") or {}
+    return info, {**init.get("non_kwargs", {}), **init.get("kwargs", {})}
+
+
+def legacy_model_arguments(saved_arguments: dict) -> dict:
+    """Arguments whose default changed since a model was saved: their value at the time."""
+    legacy = {}
+    if "interaction_prior" not in saved_arguments:  # saved before the argument existed
+        legacy["interaction_prior"] = "mlp"
+    return legacy
