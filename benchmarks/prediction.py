@@ -67,6 +67,14 @@ def peer_status() -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def install_summary(info: dict) -> str:
+    """A peer's install status without the paths of this machine."""
+    if not info.get("ok"):
+        return f"not usable: {info.get('reason', info.get('error', 'see its install log'))}"
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(info.get("versions", {}).items()))
+    return f"ok ({versions})"
+
+
 def run_peer(name: str, train: ad.AnnData, queries: list[dict], epochs: int, seed: int):
     """Run a peer's adapter in its own venv; returns predictions or raises with the reason."""
     python = PEERS / f".venv-{name}" / "bin" / "python"
@@ -158,7 +166,7 @@ def main(argv=None):
     summary = mean_sd(per_seed.reset_index(), ["interactions", "method"], SCORES)
     notes = [f"- {name}: not run: {why}" for name, why in failures.items()]
     status = peer_status()
-    notes += [f"- {name} install: {info}" for name, info in status.items()]
+    notes += [f"- {name} install: {install_summary(info)}" for name, info in status.items()]
     flags = (
         " --quick" * args.quick + " --no-peers" * args.no_peers + model_flags(args, "prediction")
     )
