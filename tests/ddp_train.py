@@ -18,21 +18,9 @@ import numpy as np
 import scvi
 import torch
 
+from conftest import small_screen  # this folder is on sys.path: the script runs from it
 from fcr_tools import FCRModel
 from fcr_tools._pairing import ControlPool
-from fcr_tools.data import simulate_screen
-
-SCREEN = {
-    "n_cell_lines": 3,
-    "n_treatments": 3,
-    "doses": (0.3, 1.0),
-    "n_cells_per_condition": 8,
-    "n_genes": 30,
-    "n_latent_x": 2,
-    "n_latent_t": 2,
-    "n_latent_tx": 2,
-    "seed": 0,
-}
 
 
 def main(out: Path) -> None:
@@ -49,7 +37,7 @@ def main(out: Path) -> None:
 
     ControlPool.sample = recording_sample
 
-    adata = simulate_screen(**SCREEN)
+    adata = small_screen(n_treatments=3)
     FCRModel.setup_anndata(
         adata, treatment_key="drug", dose_key="dose", covariate_keys="cell_line"
     )

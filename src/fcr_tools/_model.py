@@ -157,12 +157,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             self.adata_manager.validate()
         if likelihood not in ("gaussian", "nb"):
             raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
-        # a model saved before an argument existed is rebuilt with its value at the time
+        # a model saved before an argument existed is rebuilt with its value at the time;
+        # FCRModule checks the value
         interaction_prior = self._legacy_arguments.get("interaction_prior", interaction_prior)
-        if interaction_prior not in ("mlp", "linear"):
-            raise ValueError(
-                f"interaction_prior must be 'mlp' or 'linear', not {interaction_prior!r}."
-            )
         for name, value in [
             ("n_latent_x", n_latent_x),
             ("n_latent_t", n_latent_t),

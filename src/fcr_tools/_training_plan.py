@@ -163,20 +163,19 @@ class FCRTrainingPlan(TrainingPlan):
 
     def _check_finite(self, loss: torch.Tensor, what: str):
         """Stop on a NaN / infinite loss, or a training loss that exploded (in any process)."""
-        value = loss.detach()
-        ok = bool(torch.isfinite(value))
-        problem = f"The {what} loss became {value.item()}"
+        value = loss.detach().item()  # one host sync per check
+        ok = math.isfinite(value)
+        problem = f"The {what} loss became {value}"
         if ok and what == "training" and self.max_loss_ratio is not None:
-            size = abs(value.item())
             if self._first_loss is None:
-                self._first_loss = max(size, 1.0)
-            if size > self.max_loss_ratio * self._first_loss:
+                self._first_loss = max(abs(value), 1.0)
+            if abs(value) > self.max_loss_ratio * self._first_loss:
                 ok = False
                 problem = (
-                    f"The training loss exploded to {value.item():.4g} (over max_loss_ratio="
+                    f"The training loss exploded to {value:.4g} (over max_loss_ratio="
                     f"{self.max_loss_ratio:g} times its first value)"
                 )
-        flag = torch.tensor(float(ok), device=value.device)
+        flag = torch.tensor(float(ok), device=loss.device)
         if self.use_sync_dist:  # under DDP every process stops, not only the one that failed
             flag = self.trainer.strategy.reduce(flag, reduce_op="min")
             if ok and flag.item() < 1:
