@@ -37,12 +37,19 @@ VARIANTS = {
 
 
 def add_model_arguments(parser, name: str) -> None:
-    """``--model-kwargs`` (FCRModel arguments as JSON) and ``--name`` (result file name)."""
+    """``--model-kwargs`` / ``--plan-kwargs`` (FCRModel / training-plan arguments as JSON) and
+    ``--name`` (result file name)."""
     parser.add_argument(
         "--model-kwargs",
         type=json.loads,
         default={},
         help='FCRModel arguments as JSON, e.g. \'{"interaction_prior": "mlp"}\'',
+    )
+    parser.add_argument(
+        "--plan-kwargs",
+        type=json.loads,
+        default={},
+        help="FCRTrainingPlan arguments as JSON, e.g. '{\"aggregate_kl_weight\": 5}'",
     )
     parser.add_argument("--name", default=name, help=f"result file name (default {name})")
 
@@ -50,6 +57,7 @@ def add_model_arguments(parser, name: str) -> None:
 def model_flags(args, name: str) -> str:
     """The command-line flags of :func:`add_model_arguments` that differ from the defaults."""
     flags = f" --model-kwargs '{json.dumps(args.model_kwargs)}'" if args.model_kwargs else ""
+    flags += f" --plan-kwargs '{json.dumps(args.plan_kwargs)}'" if args.plan_kwargs else ""
     return flags + (f" --name {args.name}" if args.name != name else "")
 
 
@@ -139,7 +147,10 @@ def mean_sd(df: pd.DataFrame, by: list[str], columns: list[str]) -> pd.DataFrame
     mean, sd = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
     out = mean.copy().astype(object)
     for c in columns:
-        out[c] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean[c], sd[c], strict=True)]
+        out[c] = [
+            "n/a" if np.isnan(m) else f"{m:.3f} ± {s:.3f}"
+            for m, s in zip(mean[c], sd[c], strict=True)
+        ]
     out["n_seeds"] = grouped.size()
     return out.reset_index()
 

@@ -121,7 +121,9 @@ def main(argv=None):
     for seed in seeds:
         adata = make_screen(seed)
         train = adata[adata.obs["split"] == "train"].copy()
-        model, _ = train_fcr(train.copy(), SETUP, args.model_kwargs, {}, epochs, seed)
+        model, _ = train_fcr(
+            train.copy(), SETUP, args.model_kwargs, args.plan_kwargs, epochs, seed
+        )
         predictors = {
             "FCR": model,
             "additive": AdditiveBaseline(train, "drug", "cell_type", dose_key="dose"),

@@ -104,6 +104,18 @@ def test_train_then_predict(make_screen, tmp_path, capsys):
     assert set(pred.obs["drug"]) == {"drug_2"} and set(pred.obs["dose"]) == {0.3}
     assert pred.n_vars == latents.n_vars and np.isfinite(pred.X).all()
 
+    # --mode sample: one draw per cell, repeated by the same --seed
+    sampled = []
+    for seed, name in [("1", "a"), ("1", "b"), ("2", "c")]:
+        args = ["predict", "--model", str(tmp_path / "model"), "--adata"]
+        args += [str(tmp_path / "screen.h5ad"), "--obs-filter", "drug=control"]
+        args += ["--treatment", "drug_2", "--dose", "0.3", "--mode", "sample", "--seed", seed]
+        assert main([*args, "--out", str(tmp_path / f"{name}.h5ad")]) == 0
+        sampled.append(ad.read_h5ad(tmp_path / f"{name}.h5ad"))
+    assert sampled[0].uns["fcr_counterfactual"]["mode"] == "sample"
+    np.testing.assert_array_equal(sampled[0].X, sampled[1].X)
+    assert not np.allclose(sampled[0].X, sampled[2].X)
+
 
 def test_train_on_mudata_with_counts(make_screen, tmp_path):
     mudata = pytest.importorskip("mudata")

@@ -511,3 +511,20 @@ def test_default_interaction_prior_is_linear(adata, build_model):
 def test_unknown_interaction_prior_is_rejected(adata, build_model):
     with pytest.raises(ValueError, match="interaction_prior must be 'mlp' or 'linear'"):
         build_model(adata, train=False, interaction_prior="deep")
+
+
+def test_sample_mode_draws_from_the_target_priors(trained_model):
+    import scvi
+
+    kwargs = {"treatment": "drug_1", "dose": 0.3, "indices": list(range(30))}
+    prior = trained_model.predict_counterfactual(**kwargs)
+    scvi.settings.seed = 3
+    first = trained_model.predict_counterfactual(**kwargs, mode="sample")
+    scvi.settings.seed = 3
+    again = trained_model.predict_counterfactual(**kwargs, mode="sample")
+    other = trained_model.predict_counterfactual(**kwargs, mode="sample")
+    assert first.uns["fcr_counterfactual"]["mode"] == "sample"
+    np.testing.assert_array_equal(first.X, again.X)  # the seed repeats a draw
+    assert not np.allclose(first.X, other.X)
+    # draws spread the cells around the prior-mean prediction
+    assert first.X.std(0).mean() > prior.X.std(0).mean()

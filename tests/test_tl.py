@@ -84,6 +84,50 @@ def test_bad_arguments(trained_model):
         interaction_effects(trained_model, treatments="drug_9")
     with pytest.raises(ValueError, match="max_cells_per_context"):
         interaction_effects(trained_model, max_cells_per_context=0)
+    with pytest.raises(ValueError, match="'sample'"):
+        interaction_effects(trained_model, mode="sample")
     treated = trained_model.adata[trained_model.adata.obs["drug"] != "control"].copy()
     with pytest.raises(ValueError, match="no control cells"):
         interaction_effects(trained_model, adata=treated)
+
+
+def test_latent_usage_is_the_mean_kl_per_dimension(trained_model, adata, snapshot):
+    import torch
+    from torch.distributions import kl_divergence
+
+    from fcr_tools.tl import latent_usage
+
+    check = snapshot(adata)
+    usage = latent_usage(trained_model, adata, active_threshold=0.05)
+    check(adata)
+    assert list(usage.columns) == ["block", "dim", "kl", "active"]
+    assert usage.groupby("block", sort=False).size().to_dict() == {"x": 2, "t": 3, "tx": 2}
+    assert (usage["kl"] >= 0).all()
+    assert (usage["active"] == (usage["kl"] > 0.05)).all()
+
+    # the same numbers from torch's own KL of the posterior and prior distributions
+    module = trained_model.module
+    module.eval()
+    cells = np.arange(40)
+    (tensors,) = list(trained_model._loader(adata, cells, batch_size=40))
+    inputs = module._get_inference_input(tensors)
+    inputs.pop("n_primary")
+    with torch.inference_mode():
+        out = module.inference(**inputs)
+        expected = np.concatenate(
+            [
+                kl_divergence(out[f"qz_{b}"], out[f"pz_{b}"]).mean(0).numpy()
+                for b in ("x", "t", "tx")
+            ]
+        )
+    subset = latent_usage(trained_model, adata, indices=cells)
+    np.testing.assert_allclose(subset["kl"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_latent_usage_bad_arguments(trained_model):
+    from fcr_tools.tl import latent_usage
+
+    with pytest.raises(ValueError, match="active_threshold"):
+        latent_usage(trained_model, active_threshold=-1)
+    with pytest.raises(ValueError, match="indices is empty"):
+        latent_usage(trained_model, indices=[])

@@ -745,7 +745,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         dose: float | str | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
-        mode: Literal["prior", "abduction"] = "prior",
+        mode: Literal["prior", "sample", "abduction"] = "prior",
     ) -> ad.AnnData:
         """Expected expression of cells had they received ``treatment`` at ``dose``.
 
@@ -767,8 +767,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             Cells per minibatch (default 1,024: inference needs no small batches).
         mode
             ``"prior"``: z_t and z_tx are the prior means of the target treatment (the
-            population response); ``"abduction"``: each cell also keeps its own deviation of
-            z_t and z_tx from the prior mean of its observed treatment.
+            population response); ``"sample"``: one draw of z_t and z_tx from the target's
+            priors per cell, so the predicted cells spread like a treated population and
+            their mean is the population's mean expression (random: set
+            ``scvi.settings.seed`` to repeat it); ``"abduction"``: each cell also keeps its
+            own deviation of z_t and z_tx from the prior mean of its observed treatment.
 
         Returns
         -------

@@ -27,12 +27,19 @@ from ._treatments import dense_treatment
 _MIN_SCALE = 1e-2
 
 
+def gaussian_kl_per_dim(
+    q_mean: torch.Tensor, q_var: torch.Tensor, p_mean: torch.Tensor, p_var: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(q) || N(p)) of diagonal Gaussians, one value per dimension."""
+    squared = q_var + (q_mean - p_mean) ** 2
+    return 0.5 * (torch.log(p_var) - torch.log(q_var) + squared / p_var - 1)
+
+
 def gaussian_kl(
     q_mean: torch.Tensor, q_var: torch.Tensor, p_mean: torch.Tensor, p_var: torch.Tensor
 ) -> torch.Tensor:
     """KL(N(q) || N(p)) of diagonal Gaussians, summed over the last dimension."""
-    kl = 0.5 * (torch.log(p_var) - torch.log(q_var) + (q_var + (q_mean - p_mean) ** 2) / p_var - 1)
-    return kl.sum(-1)
+    return gaussian_kl_per_dim(q_mean, q_var, p_mean, p_var).sum(-1)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -448,13 +455,14 @@ class FCRModule(BaseModuleClass):
         self,
         inference_outputs: dict,
         t: torch.Tensor,
-        mode: Literal["prior", "abduction"] = "prior",
+        mode: Literal["prior", "sample", "abduction"] = "prior",
     ) -> dict[str, torch.Tensor]:
         """Latent blocks of the cells of ``inference_outputs`` under treatment vectors ``t``.
 
         ``"x"`` is each cell's posterior mean of z_x; ``"t"`` and ``"tx"`` are the prior means
         of p(z_t | t) and p(z_tx | x, t) (``"prior"`` mode), plus each cell's own deviation
-        from the prior mean of its observed treatment (``"abduction"`` mode). Shared by
+        from the prior mean of its observed treatment (``"abduction"`` mode), or one draw from
+        the priors of the target treatment (``"sample"`` mode). Shared by
         :meth:`counterfactual` and :func:`fcr_tools.tl.interaction_effects`.
 
         Examples
@@ -468,8 +476,11 @@ class FCRModule(BaseModuleClass):
         if mode == "abduction":
             z_t = z_t + out["qz_t"].loc - out["pz_t"].loc
             z_tx = z_tx + out["qz_tx"].loc - out["pz_tx"].loc
+        elif mode == "sample":
+            z_t = z_t + prior["t"][1].sqrt() * torch.randn_like(z_t)
+            z_tx = z_tx + prior["tx"][1].sqrt() * torch.randn_like(z_tx)
         elif mode != "prior":
-            raise ValueError(f"mode must be 'prior' or 'abduction', not {mode!r}.")
+            raise ValueError(f"mode must be 'prior', 'sample' or 'abduction', not {mode!r}.")
         return {"x": out["qz_x"].loc, "t": z_t, "tx": z_tx}
 
     @torch.inference_mode()
@@ -478,13 +489,14 @@ class FCRModule(BaseModuleClass):
         tensors: dict[str, torch.Tensor],
         target_idx: torch.Tensor,
         target_dose: torch.Tensor,
-        mode: Literal["prior", "abduction"] = "prior",
+        mode: Literal["prior", "sample", "abduction"] = "prior",
     ) -> dict[str, torch.Tensor]:
         """Expected expression of the cells under a target treatment.
 
         z_x is the posterior mean of each cell. In ``"prior"`` mode z_t and z_tx are the prior
-        means under the target treatment; in ``"abduction"`` mode each cell also keeps its own
-        deviation from the prior mean of its observed treatment.
+        means under the target treatment; in ``"sample"`` mode one draw from those priors; in
+        ``"abduction"`` mode each cell also keeps its own deviation from the prior mean of its
+        observed treatment.
 
         Examples
         --------

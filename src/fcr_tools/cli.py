@@ -165,8 +165,11 @@ def _predict(args: argparse.Namespace) -> int:
         raise CLIError("--adata: predict reads an .h5ad file; export the RNA modality first.")
     cells = adata[_obs_filter(adata, args.obs_filter)].copy()
 
+    import scvi
+
     from ._model import FCRModel
 
+    scvi.settings.seed = args.seed  # the draws of --mode sample
     model = FCRModel.load(str(model_dir), accelerator=args.accelerator)
     _info(
         f"Predicting {cells.n_obs} cells under {args.treatment!r}"
@@ -287,9 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--mode",
-        choices=["prior", "abduction"],
+        choices=["prior", "sample", "abduction"],
         default="prior",
-        help="prior: population response (default); abduction: keep each cell's deviation",
+        help=(
+            "prior: population response (default); sample: one draw from the target's priors "
+            "per cell; abduction: keep each cell's deviation"
+        ),
     )
     predict.add_argument(
         "--obs-filter",
@@ -298,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="use only the cells with obs[COLUMN] == VALUE (repeat to combine)",
     )
     predict.add_argument("--out", required=True, help="output .h5ad")
+    predict.add_argument(
+        "--seed", type=int, default=0, help="seed of the draws of --mode sample (default 0)"
+    )
     predict.add_argument("--accelerator", default="auto", help="device: auto, cpu, gpu")
     predict.set_defaults(func=_predict)
 

@@ -1,5 +1,6 @@
 """Tools that read biology out of a trained FCR model (scanpy-style ``tl`` namespace)."""
 
 from ._interaction import interaction_effects
+from ._usage import latent_usage
 
-__all__ = ["interaction_effects"]
+__all__ = ["interaction_effects", "latent_usage"]

@@ -157,6 +157,11 @@ def interaction_effects(
         raise ValueError("No treatment to score.")
     if encoder.control in treatments:
         raise ValueError(f"The control {encoder.control!r} has no interaction; drop it.")
+    if mode not in ("prior", "abduction"):
+        raise ValueError(
+            f"mode must be 'prior' or 'abduction', not {mode!r} (interaction effects compare "
+            "deterministic responses)."
+        )
     encoded = [encoder.encode_one(t, dose) for t in treatments]  # validates labels and doses
 
     adata = model._validate_anndata(adata)
