@@ -89,7 +89,8 @@ def supervised_reference(adata, seed: int) -> dict[str, float]:
     true = {b: adata.obsm[f"z_{b}_true"] for b in BLOCKS}
     target = np.hstack([true[b] for b in BLOCKS])
     order = np.random.default_rng(seed).permutation(adata.n_obs)
-    fit, test = order[: int(0.7 * len(order))], order[int(0.7 * len(order)) :]
+    cut = int(0.7 * len(order))
+    fit, test = order[:cut], order[cut:]
     regressor = MLPRegressor(
         hidden_layer_sizes=(256, 256), max_iter=300, early_stopping=True, random_state=seed
     )

@@ -157,7 +157,8 @@ def main(argv=None):
                 "Contexts: the 5 largest cell types of scanpy's pbmc68k_reduced (real cells "
                 "as controls); 6 simulated drugs x 2 doses with main effects and a rank-2 "
                 "cell type x drug interaction; 3 (cell type, drug) pairs held out. FCR with "
-                f"{args.model_kwargs or 'default settings'}, {epochs} epochs. Latent scores: "
+                f"{args.model_kwargs or 'default settings'} (training plan: "
+                f"{args.plan_kwargs or 'default'}), {epochs} epochs. Latent scores: "
                 "k-means clusters of each "
                 "block (training cells; drugs on treated cells) vs the labels."
             ),

@@ -9,14 +9,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._constants import LATENT_BLOCKS
 from .._module import gaussian_kl_per_dim
 
 if TYPE_CHECKING:
     import anndata as ad
 
     from .._model import FCRModel
-
-BLOCKS = ("x", "t", "tx")
 
 
 @torch.inference_mode()
@@ -62,19 +61,17 @@ def latent_usage(
         raise ValueError(f"active_threshold must be a finite number >= 0, not {active_threshold}.")
     adata = model._validate_anndata(adata)
     model.module.eval()
-    sums = {b: 0.0 for b in BLOCKS}
+    sums = {b: 0.0 for b in LATENT_BLOCKS}
     n_cells = 0
     for tensors in model._loader(adata, indices, batch_size):
-        inputs = model.module._get_inference_input(tensors)
-        inputs.pop("n_primary")
-        out = model.module.inference(**inputs)
-        for b in BLOCKS:
+        out = model.module.inference(**model.module._get_inference_input(tensors))
+        for b in LATENT_BLOCKS:
             q, p = out[f"qz_{b}"], out[f"pz_{b}"]
             kl = gaussian_kl_per_dim(q.loc, q.scale**2, p.loc, p.scale**2)
             sums[b] = sums[b] + kl.sum(0).double().cpu()
         n_cells += tensors["X"].shape[0]
     rows = []
-    for b in BLOCKS:
+    for b in LATENT_BLOCKS:
         kl = (sums[b] / n_cells).numpy()
         rows += [{"block": b, "dim": i, "kl": float(v)} for i, v in enumerate(kl)]
     table = pd.DataFrame(rows)
