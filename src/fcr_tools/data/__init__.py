@@ -1,6 +1,15 @@
-"""Data: simulated screens with known ground truth, and loaders of the paper's data sets."""
+"""Data: simulated screens with known ground truth, the paper's data sets, bundled real screens."""
 
 from ._loaders import mcfarland, sciplex3
+from ._real import glioblastoma_panobinostat, norman19, sciplex_gxe
 from ._simulate import simulate_counterfactual, simulate_screen
 
-__all__ = ["mcfarland", "sciplex3", "simulate_counterfactual", "simulate_screen"]
+__all__ = [
+    "glioblastoma_panobinostat",
+    "mcfarland",
+    "norman19",
+    "sciplex3",
+    "sciplex_gxe",
+    "simulate_counterfactual",
+    "simulate_screen",
+]
