@@ -63,18 +63,35 @@ FITS = {
 
 # ---------------------------------------------------------------------- the simulator's laws
 def simulator_laws(adata) -> tuple[_Model, np.ndarray, np.ndarray]:
-    """The simulator's parameters, and each cell's cell-line index and dose responses h."""
+    """The simulator's parameters, and each cell's cell-line index and dose responses h.
+
+    Works on any screen of ``simulate_screen`` (any sizes, doses, combinations, sd ranges)
+    and on subsets of one.
+    """
     sim = _Model(adata.uns[UNS_KEY])
     cell_line = adata.obs["cell_line"].astype(str).map(sim.cl_index).to_numpy()
-    doses = [
-        sim.dose_vector(drug, None if drug == "control" else float(dose))
-        for drug, dose in zip(adata.obs["drug"].astype(str), adata.obs["dose"], strict=True)
-    ]
+    dose_col = adata.obs["dose"]
+    if pd.api.types.is_numeric_dtype(dose_col.dtype):
+        dose_values = [float(d) for d in dose_col.to_numpy()]
+    else:  # with combinations: strings "0", "0.3", "0.3+0.3"
+        dose_values = dose_col.astype(str).tolist()
+    cache: dict = {}
+    doses = []
+    for key in zip(adata.obs["drug"].astype(str), dose_values, strict=True):
+        if key not in cache:
+            cache[key] = sim.dose_vector(key[0], key[1], default_dose=None)
+        doses.append(cache[key])
     return sim, cell_line, sim.hill(np.stack(doses))
 
 
 def rotation_cost(adata, n_rotations: int, seed: int) -> dict[str, float]:
-    """Nats per cell that a rotation of the true z_tx costs under diagonal priors."""
+    """Nats per cell that a rotation of the true z_tx costs under diagonal priors.
+
+    Analytic (no training) and usable on any screen of ``simulate_screen``: with the true
+    conditional sds ``s`` of z_tx, a rotation R turns each cell's prior covariance
+    ``diag(s^2)`` into ``R diag(s^2) R^T``; the best diagonal Gaussian then loses its total
+    correlation ``0.5 (sum log diag(R S R^T) - sum log s^2)``, averaged over cells.
+    """
     sim, cell_line, h = simulator_laws(adata)
     _, sd = sim.law_tx(cell_line, h)
     var = sd**2
@@ -82,7 +99,10 @@ def rotation_cost(adata, n_rotations: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     costs, mccs = [], []
     for _ in range(n_rotations):
-        rot = special_ortho_group.rvs(var.shape[1], random_state=rng)
+        if var.shape[1] == 1:  # nothing to rotate
+            rot = np.ones((1, 1))
+        else:
+            rot = special_ortho_group.rvs(var.shape[1], random_state=rng)
         # marginal variances of R diag(var) R^T, per cell
         marginal = var @ (rot**2).T
         total_correlation = 0.5 * (np.log(marginal).sum(1) - np.log(var).sum(1))
@@ -140,7 +160,7 @@ def install_true_model(model: FCRModel, sim: _Model) -> None:
     n_cell_lines = len(sim.cell_lines)
     module.covariate_embedding = _OneHotCellLine(module.covariate_embedding.n_output)
 
-    def prior(e_x: torch.Tensor, t: torch.Tensor) -> dict[str, tuple]:
+    def prior(e_x: torch.Tensor, t: torch.Tensor, e_tx=None) -> dict[str, tuple]:
         # the simulator's own laws; nothing to learn, so no gradient needs to pass
         c = e_x[:, :n_cell_lines].argmax(-1).cpu().numpy()
         h = sim.hill(t.detach().cpu().numpy())

@@ -89,8 +89,17 @@ def install_summary(info: dict) -> str:
     return f"ok ({versions})"
 
 
-def run_peer(name: str, train: ad.AnnData, queries: list[dict], epochs: int, seed: int):
-    """Run a peer's adapter in its own venv; returns predictions or raises with the reason."""
+def run_peer(
+    name: str,
+    train: ad.AnnData,
+    queries: list[dict],
+    epochs: int,
+    seed: int,
+    extra_args: list[str] | None = None,
+):
+    """Run a peer's adapter in its own venv; returns predictions or raises with the reason.
+
+    ``extra_args`` replace the peer's default options (``PEER_ARGS``)."""
     python = PEERS / f".venv-{name}" / "bin" / "python"
     if not python.exists():
         raise RuntimeError(f"{name} is not installed (run benchmarks/peers/install.sh)")
@@ -100,7 +109,8 @@ def run_peer(name: str, train: ad.AnnData, queries: list[dict], epochs: int, see
         query_path.write_text(json.dumps(queries))
         cmd = [str(python), str(PEERS / f"run_{name}.py"), "--train", str(train_path)]
         cmd += ["--queries", str(query_path), "--out", str(out)]
-        cmd += ["--epochs", str(epochs), "--seed", str(seed), *PEER_ARGS[name]]
+        options = PEER_ARGS[name] if extra_args is None else extra_args
+        cmd += ["--epochs", str(epochs), "--seed", str(seed), *options]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
             raise RuntimeError(f"{name} failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -397,6 +397,46 @@ def test_load_a_model_saved_before_the_interaction_prior_argument(adata, build_m
     assert build_model(adata.copy(), train=False).module.interaction_prior == "linear"
 
 
+def test_load_a_model_saved_by_0_1_with_its_architecture(adata, build_model, tmp_path):
+    """Format 1.1 models (fcr_tools 0.1) had free posteriors, the shared interaction context,
+    the MLP decoder and the MLP treatment prior, and none of those arguments."""
+    from fcr_tools._saving import ARGUMENTS_BEFORE
+
+    old = {
+        name: ARGUMENTS_BEFORE[name] for name in ARGUMENTS_BEFORE if name != "interaction_prior"
+    }
+    model = build_model(adata, **old)
+    path = tmp_path / "v01"
+    model.save(path, save_anndata=True)
+
+    def edit(content):
+        attrs = content["attr_dict"]
+        for name in old:
+            attrs["init_params_"]["non_kwargs"].pop(name)
+        attrs["fcr_version_"] = {"fcr_tools": "0.1.0", "model_format": "1.1"}
+
+    _edit_saved(path, edit)
+    loaded = FCRModel.load(path)
+    module = loaded.module
+    assert (module.posterior, module.interaction_context, module.decoder_kind) == (
+        "free",
+        "shared",
+        "mlp",
+    )
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    controls = adata[adata.obs["drug"] == "control"].copy()
+    np.testing.assert_array_equal(
+        loaded.predict_counterfactual(controls, treatment="drug_1").X,
+        model.predict_counterfactual(controls, treatment="drug_1").X,
+    )
+    # saved again, the model records the values it was rebuilt with
+    loaded.save(path, overwrite=True)
+    assert FCRModel.load(path).module.decoder_kind == "mlp"
+    assert build_model(adata.copy(), train=False).module.decoder_kind == "skip"
+
+
 def test_load_an_incompatible_older_model_names_the_versions(saved):
     def edit(content):
         content["attr_dict"].pop("fcr_version_")

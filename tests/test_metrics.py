@@ -69,6 +69,25 @@ def test_baselines_predict_context_means(make_screen):
         additive.predict_counterfactual(cells, treatment="drug_9", dose=1.0)
 
 
+def test_additive_baseline_sums_the_parts_of_an_unmeasured_combination():
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    shift = {"control": np.zeros(4), "A": np.array([1.0, 0, 0, 2]), "B": np.array([0, -1.0, 0, 1])}
+    obs = pd.DataFrame({"drug": np.repeat(["control", "A", "B"], 20)})
+    x = rng.normal(size=(60, 4)) * 0.01 + np.stack([shift[d] for d in obs["drug"]])
+    train = ad.AnnData(x.astype(np.float32), obs=obs)
+    additive = AdditiveBaseline(train, "drug")
+    pred = additive.predict_counterfactual(train[:3].copy(), treatment="A+B")
+    expected = (
+        x[:20].mean(0) + (x[20:40].mean(0) - x[:20].mean(0)) + (x[40:].mean(0) - x[:20].mean(0))
+    )
+    np.testing.assert_allclose(pred.X[0], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'A\\+C'"):
+        additive.predict_counterfactual(train[:3].copy(), treatment="A+C")
+
+
 def test_score_heldout_groups_is_tidy(make_screen):
     adata = make_screen(n_holdout_pairs=1, n_cells_per_condition=12)
     train = adata[adata.obs["split"] == "train"].copy()

@@ -279,7 +279,7 @@ def test_counterfactual_of_a_pair_never_seen_in_training(make_screen, build_mode
     assert pred.uns["fcr_counterfactual"] == {
         "treatment": drug,
         "dose": "1.0",
-        "mode": "prior",
+        "mode": "abduction",
         "likelihood": "gaussian",
     }
     # the prediction moves the controls: it is not their observed expression
@@ -287,13 +287,17 @@ def test_counterfactual_of_a_pair_never_seen_in_training(make_screen, build_mode
 
 
 def test_counterfactual_modes_and_errors(trained_model):
-    prior = trained_model.predict_counterfactual(treatment="drug_1", dose=0.3, indices=[0, 1, 2])
+    prior = trained_model.predict_counterfactual(
+        treatment="drug_1", dose=0.3, indices=[0, 1, 2], mode="prior"
+    )
     abduction = trained_model.predict_counterfactual(
         treatment="drug_1", dose=0.3, indices=[0, 1, 2], mode="abduction"
     )
     assert abduction.uns["fcr_counterfactual"]["mode"] == "abduction"
     assert not np.allclose(prior.X, abduction.X)
-    other_dose = trained_model.predict_counterfactual(treatment="drug_1", dose=1.0, indices=[0])
+    other_dose = trained_model.predict_counterfactual(
+        treatment="drug_1", dose=1.0, indices=[0], mode="prior"
+    )
     assert not np.allclose(prior.X[0], other_dose.X[0])
     with pytest.raises(ValueError, match="'posterior'"):
         trained_model.predict_counterfactual(treatment="drug_1", mode="posterior")

@@ -221,10 +221,12 @@ def test_adversarial_gradient_reaches_the_encoders(module_and_batch):
     for block in ("x", "t", "tx"):
         assert _has_signal(module.encoders[block]), block
     assert _has_signal(module.expression_encoder)
-    # nothing else in the objective: decoder, priors and classifiers get no gradient
+    # residual posteriors: a posterior mean is its prior mean plus the encoder's output, so
+    # the encoder's loss reaches the prior networks too
+    assert module.posterior == "residual" and _has_signal(module.priors)
+    # nothing else in the objective: decoder and classifiers get no gradient
     for part in (
         module.decoder,
-        module.priors,
         module.treatment_classifier,
         module.covariate_classifiers,
     ):

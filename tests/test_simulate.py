@@ -281,3 +281,69 @@ def test_h5ad_round_trip(tmp_path):
     assert d.obs["dose"].dtype == np.float64
     y = simulate_counterfactual(d[:5].copy(), "drug_3", 1.0)
     assert np.allclose(y, simulate_counterfactual(c, "drug_3", 1.0, indices=np.arange(5)))
+
+
+def test_interaction_sd_range_default_unchanged():
+    for kwargs in ({}, {"interaction_rank": None}):
+        a = simulate_screen(**SMALL, **kwargs, seed=5)
+        b = simulate_screen(**SMALL, **kwargs, interaction_sd_range=(0.3, 1.5), seed=5)
+        np.testing.assert_array_equal(a.X, b.X)
+        np.testing.assert_array_equal(a.obsm["z_tx_true"], b.obsm["z_tx_true"])
+        np.testing.assert_array_equal(
+            a.uns["fcr_simulation"]["sd_tx"], b.uns["fcr_simulation"]["sd_tx"]
+        )
+        stored = a.uns["fcr_simulation"]["params"]["interaction_sd_range"]
+        np.testing.assert_array_equal(stored, [0.3, 1.5])
+
+
+@pytest.mark.parametrize("rank", [2, None])
+def test_interaction_sd_range_wider(rank):
+    narrow = simulate_screen(**SMALL, interaction_rank=rank, seed=6)
+    wide = simulate_screen(**SMALL, interaction_rank=rank, interaction_sd_range=(0.1, 3.0), seed=6)
+    sd_narrow = narrow.uns["fcr_simulation"]["sd_tx"]
+    sd_wide = wide.uns["fcr_simulation"]["sd_tx"]
+    assert sd_narrow.min() >= 0.3 and sd_narrow.max() <= 1.5
+    assert sd_wide.min() >= 0.1 and sd_wide.max() <= 3.0
+    assert np.log(sd_wide).std() > np.log(sd_narrow).std()
+    assert np.ptp(sd_wide) > np.ptp(sd_narrow)
+    # only the sd of z_tx changes: same means, decoder and z_x / z_t
+    pn, pw = narrow.uns["fcr_simulation"], wide.uns["fcr_simulation"]
+    np.testing.assert_array_equal(pn["m_tx"], pw["m_tx"])
+    np.testing.assert_array_equal(pn["decoder"]["w3"], pw["decoder"]["w3"])
+    np.testing.assert_array_equal(narrow.obsm["z_x_true"], wide.obsm["z_x_true"])
+    np.testing.assert_array_equal(narrow.obsm["z_t_true"], wide.obsm["z_t_true"])
+
+    # the per-condition spread of z_tx is wider too
+    def condition_sds(a):
+        z = pd.DataFrame(a.obsm["z_tx_true"], index=a.obs_names)
+        return z.groupby(a.obs["condition"].to_numpy()).std().to_numpy()
+
+    assert np.log(condition_sds(wide)).std() > np.log(condition_sds(narrow)).std()
+    # a degenerate range gives one sd at full response, and counterfactuals stay exact
+    flat = simulate_screen(**SMALL, interaction_rank=rank, interaction_sd_range=(2.0, 2.0))
+    np.testing.assert_allclose(flat.uns["fcr_simulation"]["sd_tx"], 2.0)
+    ctrl = np.flatnonzero(wide.obs["drug"] == "control")
+    own = np.flatnonzero((wide.obs["drug"] == "drug_1") & (wide.obs["dose"] == 1.0))
+    y = simulate_counterfactual(wide, "drug_1", 1.0, indices=own)
+    assert np.allclose(y, wide.layers["expected"][own], atol=1e-5)
+    y = simulate_counterfactual(wide, "control", indices=ctrl)
+    assert np.allclose(y, wide.layers["expected"][ctrl], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (1.5, 0.3),
+        (0.0, 1.0),
+        (-0.1, 1.0),
+        (0.3, float("inf")),
+        (0.3,),
+        (0.1, 1.0, 2.0),
+        "ab",
+        1.0,
+        None,
+    ],
+)
+def test_interaction_sd_range_invalid(bad):
+    with pytest.raises(ValueError, match="interaction_sd_range"):
+        simulate_screen(**SMALL, interaction_sd_range=bad)

@@ -27,7 +27,13 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from ._constants import COVARIATES_KEY, LATENT_BLOCKS, TREATMENT_KEY, X_KEY
 from ._module import FCRModule
-from ._pairing import FCRDataLoader, FCRDataSplitter, treatment_encoder
+from ._pairing import (
+    FCRDataLoader,
+    FCRDataSplitter,
+    control_mask,
+    covariate_codes,
+    treatment_encoder,
+)
 from ._registration import (
     MAX_STAND_INS,
     check_genes,
@@ -118,6 +124,29 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         pairs never measured rest on this network; on the benchmark screens the linear prior
         extrapolates to them more reliably and gives a more identifiable z_tx (see the
         benchmarks page).
+    posterior
+        ``"residual"`` (default): each block's posterior mean is its conditional prior mean
+        plus a deviation the encoder computes from the cell, so the treatment's and the
+        context's prior means reach the decoder from the first step and every cell carries
+        its own deviation into counterfactuals (``mode="abduction"``). ``"free"``: the
+        encoders give the posterior means directly (fcr_tools 0.1).
+    interaction_context
+        The context embedding of the interaction prior. ``"centred"`` (default): an
+        embedding of its own, centred over the contexts that had treated cells in training
+        and zero for the others, so that a context never measured under treatment gets the
+        average interaction. ``"shared"``: the covariate embedding e_x, shared with
+        p(z_x | x) (fcr_tools 0.1).
+    decoder
+        ``"skip"`` (default): an MLP over the three blocks plus a linear map of them, so that
+        each block has a direct additive path to the genes next to the nonlinear one;
+        ``"mlp"``: the MLP alone (the paper's, and fcr_tools 0.1's); ``"additive"``: one
+        network per block, summed (f_x(z_x) + f_t(z_t) + f_tx(z_tx)).
+    treatment_prior
+        Network of p(z_t | t): ``"mlp"`` (one hidden layer) or ``"linear"`` (a sum of
+        treatment embeddings scaled by their dose response).
+    dose_response
+        ``"linear"``: doses enter as given; ``"hill"``: each treatment's dose passes through a
+        learned saturating curve d^n / (d^n + c^n) (g(0) = 0) before the priors and encoders.
 
     Examples
     --------
@@ -150,6 +179,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         dropout_rate: float = 0.1,
         likelihood: Literal["gaussian", "nb"] = "gaussian",
         interaction_prior: Literal["linear", "mlp"] = "linear",
+        posterior: Literal["residual", "free"] = "residual",
+        decoder: Literal["skip", "mlp", "additive"] = "skip",
+        interaction_context: Literal["centred", "shared"] = "centred",
+        treatment_prior: Literal["mlp", "linear"] = "mlp",
+        dose_response: Literal["linear", "hill"] = "linear",
     ):
         super().__init__(adata, registry)
         if adata is not None:
@@ -158,8 +192,14 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         if likelihood not in ("gaussian", "nb"):
             raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
         # a model saved before an argument existed is rebuilt with its value at the time;
-        # FCRModule checks the value
-        interaction_prior = self._legacy_arguments.get("interaction_prior", interaction_prior)
+        # FCRModule checks the values
+        legacy = self._legacy_arguments
+        interaction_prior = legacy.get("interaction_prior", interaction_prior)
+        posterior = legacy.get("posterior", posterior)
+        interaction_context = legacy.get("interaction_context", interaction_context)
+        decoder = legacy.get("decoder", decoder)
+        treatment_prior = legacy.get("treatment_prior", treatment_prior)
+        dose_response = legacy.get("dose_response", dose_response)
         for name, value in [
             ("n_latent_x", n_latent_x),
             ("n_latent_t", n_latent_t),
@@ -190,6 +230,12 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             dropout_rate=dropout_rate,
             likelihood=likelihood,
             interaction_prior=interaction_prior,
+            posterior=posterior,
+            decoder=decoder,
+            interaction_context=interaction_context,
+            treatment_prior=treatment_prior,
+            dose_response=dose_response,
+            treated_categories=self._treated_categories() if adata is not None else None,
         )
         covariates = self.covariate_keys or ["none"]
         self._model_summary_string = (
@@ -403,6 +449,17 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         setup = self.registry_[_SETUP_ARGS_KEY]
         layer = setup.get("layer", setup.get("rna_layer"))
         return _data_matrix(adata, layer, (setup.get("modalities") or {}).get("rna_layer"))
+
+    def _treated_categories(self) -> list[list[bool]] | None:
+        """Per covariate, which categories have treated cells in the registered data."""
+        if not self.covariate_keys:
+            return None
+        codes = covariate_codes(self.adata_manager)
+        treated = ~control_mask(self.adata_manager)
+        return [
+            np.isin(np.arange(n), codes[treated, i]).tolist()
+            for i, n in enumerate(self._n_cats_per_cov())
+        ]
 
     def _n_cats_per_cov(self) -> list[int]:
         if not self.covariate_keys:
@@ -745,7 +802,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         dose: float | str | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
-        mode: Literal["prior", "sample", "abduction"] = "prior",
+        mode: Literal["prior", "sample", "abduction"] = "abduction",
     ) -> ad.AnnData:
         """Expected expression of cells had they received ``treatment`` at ``dose``.
 
@@ -766,12 +823,13 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size
             Cells per minibatch (default 1,024: inference needs no small batches).
         mode
-            ``"prior"``: z_t and z_tx are the prior means of the target treatment (the
-            population response); ``"sample"``: one draw of z_t and z_tx from the target's
-            priors per cell, so the predicted cells spread like a treated population and
-            their mean is the population's mean expression (random: set
-            ``scvi.settings.seed`` to repeat it); ``"abduction"``: each cell also keeps its
-            own deviation of z_t and z_tx from the prior mean of its observed treatment.
+            ``"abduction"`` (default): z_t and z_tx are the prior means of the target
+            treatment plus each cell's own deviation from the prior means of its observed
+            treatment (abduction, action, prediction: the cell keeps what is its own and
+            only the treatment changes); ``"prior"``: the prior means alone (the population
+            response of the cell's context); ``"sample"``: one draw of z_t and z_tx from the
+            target's priors per cell, so the predicted cells spread like a treated
+            population (random: set ``scvi.settings.seed`` to repeat it).
 
         Returns
         -------

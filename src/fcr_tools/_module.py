@@ -21,7 +21,16 @@ from ._constants import (
     X_KEY,
 )
 from ._groups import group_index, moment_matched, within_group_derangement
-from ._nn import MLP, CovariateEmbedding, Discriminator, GaussianHead
+from ._nn import (
+    MLP,
+    AdditiveDecoder,
+    CovariateEmbedding,
+    Discriminator,
+    GaussianHead,
+    HillDoseResponse,
+    InteractionEmbedding,
+    SkipDecoder,
+)
 from ._treatments import dense_treatment
 
 _MIN_SCALE = 1e-2
@@ -78,6 +87,22 @@ class FCRModule(BaseModuleClass):
     interaction_prior
         ``"linear"`` (default) or ``"mlp"`` (one hidden layer, the paper's): the network of
         p(z_tx | x, t) on k_t(t) * e_x(x).
+    posterior
+        ``"residual"``: posterior means are the conditional prior means plus the encoders'
+        output; ``"free"``: the encoders' output.
+    decoder
+        ``"skip"`` (MLP plus a linear map of the latents), ``"mlp"`` or ``"additive"`` (one
+        network per block, summed).
+    interaction_context
+        ``"centred"`` (an interaction embedding of its own, centred over the covariate
+        categories with treated cells) or ``"shared"`` (the covariate embedding).
+    treatment_prior
+        ``"mlp"`` or ``"linear"``: the network of p(z_t | t).
+    dose_response
+        ``"linear"`` or ``"hill"`` (a learned saturating dose response per treatment).
+    treated_categories
+        Per covariate, which categories had treated cells in training (for
+        ``interaction_context="centred"``; ``None``: all).
 
     Examples
     --------
@@ -118,8 +143,31 @@ class FCRModule(BaseModuleClass):
         dropout_rate: float = 0.1,
         likelihood: Literal["gaussian", "nb"] = "gaussian",
         interaction_prior: Literal["linear", "mlp"] = "linear",
+        posterior: Literal["residual", "free"] = "residual",
+        decoder: Literal["skip", "mlp", "additive"] = "skip",
+        interaction_context: Literal["centred", "shared"] = "centred",
+        treatment_prior: Literal["mlp", "linear"] = "mlp",
+        dose_response: Literal["linear", "hill"] = "linear",
+        treated_categories: Sequence[Sequence[bool]] | None = None,
     ):
         super().__init__()
+        if interaction_context not in ("shared", "centred"):
+            raise ValueError(
+                f"interaction_context must be 'shared' or 'centred', not {interaction_context!r}."
+            )
+        self.interaction_context = interaction_context
+        if treatment_prior not in ("mlp", "linear"):
+            raise ValueError(
+                f"treatment_prior must be 'mlp' or 'linear', not {treatment_prior!r}."
+            )
+        if dose_response not in ("linear", "hill"):
+            raise ValueError(f"dose_response must be 'linear' or 'hill', not {dose_response!r}.")
+        if decoder not in ("mlp", "additive", "skip"):
+            raise ValueError(f"decoder must be 'skip', 'mlp' or 'additive', not {decoder!r}.")
+        self.decoder_kind = decoder
+        if posterior not in ("free", "residual"):
+            raise ValueError(f"posterior must be 'free' or 'residual', not {posterior!r}.")
+        self.posterior = posterior
         if likelihood not in ("gaussian", "nb"):
             raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
         if interaction_prior not in ("mlp", "linear"):
@@ -155,10 +203,15 @@ class FCRModule(BaseModuleClass):
         # p(z_x | x), p(z_t | t), p(z_tx | x, t) with k_t(t) * e_x(x); k_t has no bias so
         # that controls (t = 0) share one interaction prior in every context.
         self.treatment_to_covariate = nn.Linear(n_t, n_cov, bias=False)
+        self.dose_response = HillDoseResponse(n_t) if dose_response == "hill" else None
+        if interaction_context == "centred":
+            self.interaction_embedding = InteractionEmbedding(
+                self.n_cats_per_cov, n_covariate_embed, treated_categories
+            )
         self.priors = nn.ModuleDict(
             {
                 "x": GaussianHead(n_cov, n_latent_x, n_hidden, 1),
-                "t": GaussianHead(n_t, n_latent_t, n_hidden, 1),
+                "t": GaussianHead(n_t, n_latent_t, n_hidden, 1 if treatment_prior == "mlp" else 0),
                 # "linear": mean and variance parameters linear in k_t(t) * e_x(x) (a
                 # bilinear interaction law), which extrapolates to unmeasured pairs more safely
                 "tx": GaussianHead(
@@ -166,7 +219,19 @@ class FCRModule(BaseModuleClass):
                 ),
             }
         )
-        self.decoder = MLP(n_latent_total, n_input, n_hidden, n_layers)
+        if treatment_prior == "linear":
+            # treatment embeddings of unit scale from the start (as CPA's), so that the
+            # decoder sees the treatments clearly apart before it learns their effects
+            with torch.no_grad():
+                self.priors["t"].net[-1].weight[:n_latent_t].normal_(0.0, 1.0)
+        if decoder == "additive":
+            self.decoder = AdditiveDecoder(
+                [n_latent_x, n_latent_t, n_latent_tx], n_input, n_hidden, n_layers
+            )
+        elif decoder == "skip":
+            self.decoder = SkipDecoder(n_latent_total, n_input, n_hidden, n_layers)
+        else:
+            self.decoder = MLP(n_latent_total, n_input, n_hidden, n_layers)
         # gene-wise Gaussian scale or NB inverse dispersion
         self.px_r = nn.Parameter(torch.zeros(n_input))
 
@@ -208,7 +273,7 @@ class FCRModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ model
     def treatment_vector(self, t_idx: torch.Tensor, t_dose: torch.Tensor) -> torch.Tensor:
-        """Dense dose-scaled multi-hot treatment vectors.
+        """Dense dose-scaled multi-hot treatment vectors (through the dose response, if any).
 
         Examples
         --------
@@ -220,20 +285,33 @@ class FCRModule(BaseModuleClass):
         >>> t.tolist()  # doctest: +SKIP
         [[0.5, 0.0, 0.0], [0.0, 1.0, 0.25]]
         """
-        return dense_treatment(t_idx, t_dose, self.n_treatment_components)
+        t = dense_treatment(t_idx, t_dose, self.n_treatment_components)
+        return t if self.dose_response is None else self.dose_response(t)
 
-    def prior(self, e_x: torch.Tensor, t: torch.Tensor) -> dict[str, tuple]:
+    def interaction_context_embedding(self, covs: torch.Tensor, e_x: torch.Tensor) -> torch.Tensor:
+        """The context's embedding in the interaction prior (``e_x`` itself when shared)."""
+        if self.interaction_context == "centred":
+            return self.interaction_embedding(covs)
+        return e_x
+
+    def prior(
+        self, e_x: torch.Tensor, t: torch.Tensor, e_tx: torch.Tensor | None = None
+    ) -> dict[str, tuple]:
         """Means and variances of the conditional priors of the three blocks.
+
+        ``e_tx`` is the context's embedding in the interaction prior
+        (:meth:`interaction_context_embedding`); ``None`` uses ``e_x``.
 
         Examples
         --------
         >>> prior = module.prior(out["e_x"], torch.zeros(5, 3))  # doctest: +SKIP
         >>> mean, var = prior["tx"]  # doctest: +SKIP
         """
+        context = e_x if e_tx is None else e_tx
         return {
             "x": self.priors["x"](e_x),
             "t": self.priors["t"](t),
-            "tx": self.priors["tx"](self.treatment_to_covariate(t) * e_x),
+            "tx": self.priors["tx"](self.treatment_to_covariate(t) * context),
         }
 
     @auto_move_data
@@ -262,8 +340,13 @@ class FCRModule(BaseModuleClass):
             "t": self.encoders["t"](torch.cat([h, t], -1)),
             "tx": self.encoders["tx"](torch.cat([h, e_x, t], -1)),
         }
-        prior = self.prior(e_x, t)
+        e_tx = self.interaction_context_embedding(covs, e_x)
+        prior = self.prior(e_x, t, e_tx)
+        if self.posterior == "residual":
+            # the encoders give each cell's deviation from its conditional prior mean
+            posterior = {k: (prior[k][0] + mean, var) for k, (mean, var) in posterior.items()}
         out = {"library": library, "covs": covs, "t_idx": t_idx, "t_dose": t_dose, "e_x": e_x}
+        out["e_tx"] = e_tx
         out["n_primary"] = x.shape[0] if n_primary is None else n_primary
         for block, (mean, var) in posterior.items():
             out[f"qz_{block}"] = Normal(mean, var.sqrt())
@@ -471,7 +554,7 @@ class FCRModule(BaseModuleClass):
         >>> z = torch.cat([blocks["x"], blocks["t"], blocks["tx"]], -1)  # doctest: +SKIP
         """
         out = inference_outputs
-        prior = self.prior(out["e_x"], t)
+        prior = self.prior(out["e_x"], t, out["e_tx"])
         z_t, z_tx = prior["t"][0], prior["tx"][0]
         if mode == "abduction":
             z_t = z_t + out["qz_t"].loc - out["pz_t"].loc
@@ -489,7 +572,7 @@ class FCRModule(BaseModuleClass):
         tensors: dict[str, torch.Tensor],
         target_idx: torch.Tensor,
         target_dose: torch.Tensor,
-        mode: Literal["prior", "sample", "abduction"] = "prior",
+        mode: Literal["prior", "sample", "abduction"] = "abduction",
     ) -> dict[str, torch.Tensor]:
         """Expected expression of the cells under a target treatment.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -86,3 +87,102 @@ class Discriminator(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([a, b], dim=-1)).squeeze(-1)
+
+
+class AdditiveDecoder(nn.Module):
+    """Decoder that sums one network per latent block: ``f_x(z_x) + f_t(z_t) + f_tx(z_tx)``.
+
+    Each block has its own hidden layers; their last hidden features are concatenated and
+    mapped to the genes by one linear layer, so the output is exactly a sum of per-block terms
+    (in the likelihood's natural-parameter space), and no normalisation mixes the blocks.
+    """
+
+    def __init__(self, block_sizes: Sequence[int], n_output: int, n_hidden: int, n_layers: int):
+        super().__init__()
+        self.block_sizes = list(block_sizes)
+        self.blocks = nn.ModuleList(
+            MLP(n, n_hidden, n_hidden, n_layers - 1) for n in self.block_sizes
+        )
+        self.activation = nn.Sequential(nn.LayerNorm(n_hidden), nn.ReLU())
+        self.output = nn.Linear(n_hidden * len(self.block_sizes), n_output)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(z, self.block_sizes, dim=-1)
+        hidden = [self.activation(net(part)) for net, part in zip(self.blocks, parts, strict=True)]
+        return self.output(torch.cat(hidden, dim=-1))
+
+
+class InteractionEmbedding(nn.Module):
+    """Context embedding of the interaction prior: one table per covariate, concatenated.
+
+    Zero-initialised, and centred over the categories that had treated cells in training
+    (``treated``); the other categories are held at zero. A context whose treated cells were
+    never measured thus gets the average interaction of the measured contexts, instead of an
+    embedding that no treated cell shaped.
+    """
+
+    def __init__(
+        self,
+        n_cats_per_cov: Sequence[int],
+        n_embed: int,
+        treated: Sequence[Sequence[bool]] | None = None,
+    ):
+        super().__init__()
+        sizes = list(n_cats_per_cov) or [1]
+        self.has_covariates = bool(n_cats_per_cov)
+        self.tables = nn.ModuleList(nn.Embedding(n, n_embed) for n in sizes)
+        for i, (n, table) in enumerate(zip(sizes, self.tables, strict=True)):
+            nn.init.zeros_(table.weight)
+            mask = torch.ones(n) if treated is None else torch.as_tensor(treated[i]).float()
+            if mask.shape != (n,):
+                raise ValueError(f"treated[{i}] must have {n} entries, got {tuple(mask.shape)}.")
+            self.register_buffer(f"treated_{i}", mask)
+        self.n_output = n_embed * len(sizes)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if not self.has_covariates:
+            codes = torch.zeros(codes.shape[0], 1, dtype=torch.long, device=codes.device)
+        parts = []
+        for i, table in enumerate(self.tables):
+            mask = getattr(self, f"treated_{i}")[:, None]
+            weight = table.weight * mask
+            centre = weight.sum(0) / mask.sum().clamp(min=1)
+            parts.append(((weight - centre) * mask)[codes[:, i]])
+        return torch.cat(parts, dim=-1)
+
+
+class HillDoseResponse(nn.Module):
+    """A learned saturating dose response per treatment component, applied elementwise.
+
+    ``g_k(d) = d^n_k / (d^n_k + c_k^n_k)`` with ``g_k(0) = 0``, a positive Hill coefficient
+    ``n_k`` and half-maximal dose ``c_k``, both learned (initialised at ``n = 1``,
+    ``c = 0.1``: ``g(1) = 0.91``).
+    """
+
+    def __init__(self, n_components: int):
+        super().__init__()
+        self.log_half_dose = nn.Parameter(torch.full((n_components,), math.log(0.1)))
+        self.raw_hill = nn.Parameter(torch.full((n_components,), 0.5413))  # softplus -> 1
+
+    def forward(self, doses: torch.Tensor) -> torch.Tensor:
+        positive = doses > 0
+        safe = torch.where(positive, doses, torch.ones_like(doses))
+        hill = F.softplus(self.raw_hill) + 1e-3
+        log_ratio = hill * (torch.log(safe) - self.log_half_dose)
+        return torch.where(positive, torch.sigmoid(log_ratio), torch.zeros_like(doses))
+
+
+class SkipDecoder(nn.Module):
+    """An MLP over the concatenated blocks plus a linear map of them (a linear shortcut).
+
+    The linear part is additive in the blocks, so main effects have a direct path to the
+    genes; the MLP adds what is not additive.
+    """
+
+    def __init__(self, n_input: int, n_output: int, n_hidden: int, n_layers: int):
+        super().__init__()
+        self.mlp = MLP(n_input, n_output, n_hidden, n_layers)
+        self.linear = nn.Linear(n_input, n_output, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mlp(z) + self.linear(z)

@@ -9,8 +9,20 @@ import torch
 from scvi.data._constants import _MODEL_NAME_KEY
 
 # 1.1: the interaction prior became a model argument (default "linear"); models saved before
-# it have the one-hidden-layer MLP prior
-MODEL_FORMAT = (1, 1)
+# it have the one-hidden-layer MLP prior.
+# 1.2: posterior, interaction_context, decoder, treatment_prior and dose_response became model
+# arguments (new defaults); models saved before them are rebuilt with the values they had.
+MODEL_FORMAT = (1, 2)
+
+# model arguments added after format 1.0, and the value every model saved before them had
+ARGUMENTS_BEFORE = {
+    "interaction_prior": "mlp",
+    "posterior": "free",
+    "interaction_context": "shared",
+    "decoder": "mlp",
+    "treatment_prior": "mlp",
+    "dose_response": "linear",
+}
 
 
 def version_info() -> dict[str, str]:
@@ -106,7 +118,4 @@ def check_saved_model(
 
 def legacy_model_arguments(saved_arguments: dict) -> dict:
     """Arguments whose default changed since a model was saved: their value at the time."""
-    legacy = {}
-    if "interaction_prior" not in saved_arguments:  # saved before the argument existed
-        legacy["interaction_prior"] = "mlp"
-    return legacy
+    return {name: value for name, value in ARGUMENTS_BEFORE.items() if name not in saved_arguments}

@@ -162,7 +162,9 @@ class AdditiveBaseline:
     The shift of (treatment, dose) is the average over training contexts of (mean of the
     treated cells - mean of that context's controls). For a context where the pair was
     measured, that context is left out of the average, so the prediction never copies the
-    answer; with no other context measured, the context's own shift is used.
+    answer; with no other context measured, the context's own shift is used. A combination
+    ``"A+B"`` never measured gets the sum of the shifts of its parts (each at its own dose
+    when the dose is written ``"d1+d2"``).
 
     Parameters
     ----------
@@ -197,21 +199,48 @@ class AdditiveBaseline:
 
     def _shifts(self, treatment: str, dose: str) -> dict[str, np.ndarray]:
         m = self._means
-        shifts = {}
-        for (context, t, d), mean in m.means.items():
-            if t == treatment and d == dose and (context, m.control, "control") in m.means:
-                shifts[context] = mean - m.control_mean(context)
-        if not shifts:
-            raise ValueError(
-                f"Treatment {treatment!r} at dose {dose} was not measured in any training "
-                "context with controls; the additive baseline cannot predict it."
-            )
-        return shifts
+        return {
+            context: mean - m.control_mean(context)
+            for (context, t, d), mean in m.means.items()
+            if t == treatment and d == dose and (context, m.control, "control") in m.means
+        }
+
+    def _shift(self, treatment: str, dose: str, context: str) -> np.ndarray:
+        """The shift of (treatment, dose) for one context: measured, or summed over parts."""
+        shifts = self._shifts(treatment, dose)
+        if shifts:
+            others = [v for c, v in shifts.items() if c != context] or [shifts[context]]
+            return np.mean(others, axis=0)
+        parts = treatment.split("+")
+        if len(parts) > 1:
+            doses = dose.split("+") if "+" in dose else [dose] * len(parts)
+            missing = [
+                part
+                for part, d in zip(parts, doses, strict=False)
+                if not self._shifts(part, _dose_label(d))
+            ]
+            if missing:
+                raise ValueError(
+                    f"Combination {treatment!r}: part {missing[0]!r} was not measured in any "
+                    "training context with controls; the additive baseline cannot predict it."
+                )
+            if len(doses) == len(parts):
+                return sum(
+                    self._shift(part, _dose_label(d), context)
+                    for part, d in zip(parts, doses, strict=True)
+                )
+        raise ValueError(
+            f"Treatment {treatment!r} at dose {dose} was not measured in any training "
+            "context with controls (nor, for a combination, each of its parts); the additive "
+            "baseline cannot predict it."
+        )
 
     def predict_counterfactual(
         self, adata: ad.AnnData, treatment: str, dose=None, **kwargs
     ) -> ad.AnnData:
         """Context control mean + the treatment's average shift in the other contexts.
+
+        A combination ``"A+B"`` that was never measured gets the sum of its parts' shifts.
 
         Examples
         --------
@@ -226,11 +255,8 @@ class AdditiveBaseline:
         def shift_fn(t, d, contexts):
             if t == self._means.control:
                 return 0.0
-            shifts = self._shifts(t, d)
-            out = {}
-            for context in np.unique(contexts):
-                others = [v for c, v in shifts.items() if c != context] or [shifts[context]]
-                out[context] = np.mean(others, axis=0)
+            unique = np.unique(contexts)
+            out = {context: self._shift(t, d, context) for context in unique}
             return np.stack([out[c] for c in contexts])
 
         return self._means.predict(adata, treatment, dose, shift_fn)

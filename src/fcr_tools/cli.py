@@ -290,11 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--mode",
-        choices=["prior", "sample", "abduction"],
-        default="prior",
+        choices=["abduction", "prior", "sample"],
+        default="abduction",
         help=(
-            "prior: population response (default); sample: one draw from the target's priors "
-            "per cell; abduction: keep each cell's deviation"
+            "abduction: each cell keeps its own deviation (default); prior: population "
+            "response; sample: one draw from the target's priors per cell"
         ),
     )
     predict.add_argument(

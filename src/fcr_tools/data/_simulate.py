@@ -33,7 +33,7 @@ _M_T_SD = 2.0
 _SD_T_CONTROL = 0.5
 _S_T_RANGE = (-0.8, 0.8)  # sd_t = 0.5 * exp(h @ S_t)
 _M_TX_SD = 2.0
-_SD_TX_RANGE = (0.3, 1.5)  # per (cell line, drug, component), at full response h = 1
+_SD_TX_RANGE = (0.3, 1.5)  # default `interaction_sd_range`: per (cell line, drug, component)
 _SD_TX_CONTROL = 1.0
 _NEGATIVE_SLOPE = 0.2
 _HIDDEN_BIAS_SD = 0.5
@@ -89,6 +89,25 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def _check_sd_range(name: str, value: Any) -> tuple[float, float]:
+    """``(low, high)`` with ``0 < low <= high``, both finite."""
+    message = (
+        f"`{name}` must be two finite numbers (low, high) with 0 < low <= high, got {value!r}."
+    )
+    if isinstance(value, str | bytes):
+        raise ValueError(message)
+    try:
+        values = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(message)
+    low, high = values
+    if low > high:
+        raise ValueError(message)
+    return low, high
 
 
 # --------------------------------------------------------------------------------------
@@ -320,6 +339,7 @@ def simulate_screen(
     n_latent_tx: int = 4,
     interaction_strength: float = 1.0,
     interaction_rank: int | None = 2,
+    interaction_sd_range: tuple[float, float] = _SD_TX_RANGE,
     n_holdout_pairs: int | Sequence[tuple[str, str]] = 0,
     combinations: Sequence[tuple[str, str]] = (),
     library_size: tuple[float, float] = (8.0, 0.3),
@@ -349,12 +369,13 @@ def simulate_screen(
     - :math:`z_{tx} \mid x = c, t \sim N(\lambda \sum_k h_k M_{tx}[c, k],
       \mathrm{diag}(s_{tx}^2))` with :math:`\lambda` = ``interaction_strength``,
       :math:`\log s_{tx} = \min(\lambda, 1) \sum_k h_k \log \sigma_{tx}[c, k]`, where
-      :math:`\sigma_{tx}[c, k] \in [0.3, 1.5]^{d_{tx}}` is the pair's sd at full response.
+      :math:`\sigma_{tx}[c, k] \in [a, b]^{d_{tx}}` is the pair's sd at full response, with
+      ``(a, b) = interaction_sd_range`` (default ``(0.3, 1.5)``).
       With ``interaction_rank=r``, :math:`M_{tx}[c, k] = 2 ((u_c \odot v_k) W) / \sqrt{r}`
-      and :math:`\sigma_{tx}[c, k] = 0.3 + 1.2\,\mathrm{sigmoid}(1.5 (u'_c \odot v'_k)
+      and :math:`\sigma_{tx}[c, k] = a + (b - a)\,\mathrm{sigmoid}(1.5 (u'_c \odot v'_k)
       W' / \sqrt{r})` with standard normal factors :math:`u_c, v_k \in R^r`,
       :math:`W \in R^{r \times d_{tx}}`; with ``interaction_rank=None``,
-      :math:`M_{tx}[c, k] \sim N(0, 2^2 I)` and :math:`\sigma_{tx}[c, k] \sim U[0.3, 1.5]`
+      :math:`M_{tx}[c, k] \sim N(0, 2^2 I)` and :math:`\sigma_{tx}[c, k] \sim U[a, b]`
       independently per pair (so ``s_tx`` moves from the control sd 1 towards it as the dose
       grows). Controls have
       :math:`z_{tx} \sim N(0, I)` in every cell line; with ``interaction_strength=0``
@@ -399,6 +420,14 @@ def simulate_screen(
         pathway state meets a drug's targets), so the interaction of a pair never measured is
         predictable from the other pairs of its cell line and drug. ``None``: independent
         draws per pair, whose interactions no model can predict for held-out pairs.
+    interaction_sd_range
+        ``(low, high)``, ``0 < low <= high``: range of the per-(cell line, drug, component)
+        sd of ``z_tx`` at full dose response (controls have sd 1). It sets how much the
+        conditional prior of ``z_tx`` changes across conditions, and so how well its axes
+        are identifiable: the default ``(0.3, 1.5)`` gives weak variance contrasts (a
+        random rotation of the true ``z_tx`` costs a few hundredths of a nat per cell under
+        diagonal priors); wider ranges such as ``(0.1, 3.0)`` give stronger ones. Only
+        ``sd_tx`` changes; the default reproduces earlier versions exactly.
     n_holdout_pairs
         Number of random (cell line, drug) pairs whose cells (all doses) get
         ``obs["split"] == "holdout"``, or an explicit list of ``(cell_line, treatment)`` names
@@ -474,6 +503,7 @@ def simulate_screen(
     interaction_strength = float(interaction_strength)
     if not (math.isfinite(interaction_strength) and interaction_strength >= 0):
         raise ValueError(f"`interaction_strength` must be >= 0, got {interaction_strength!r}.")
+    sd_range = _check_sd_range("interaction_sd_range", interaction_sd_range)
     lib_mean, lib_sd = (float(v) for v in library_size)
     if not (math.isfinite(lib_mean) and math.isfinite(lib_sd) and lib_sd >= 0):
         raise ValueError(f"`library_size` must be (mean, sd >= 0), got {library_size!r}.")
@@ -510,7 +540,7 @@ def simulate_screen(
     s_t = rng.uniform(*_S_T_RANGE, (n_treatments, dt))
     if interaction_rank is None:
         m_tx = rng.normal(0.0, _M_TX_SD, (n_cell_lines, n_treatments, dtx))
-        sd_tx = rng.uniform(*_SD_TX_RANGE, (n_cell_lines, n_treatments, dtx))
+        sd_tx = rng.uniform(*sd_range, (n_cell_lines, n_treatments, dtx))
     else:
         r = _check_positive_int("interaction_rank", interaction_rank)
         # bilinear in cell-line and drug factors; each entry has about sd 1 before scaling
@@ -525,7 +555,7 @@ def simulate_screen(
             for _ in range(2)
         )
         m_tx = _M_TX_SD * m_raw
-        lo, hi = _SD_TX_RANGE
+        lo, hi = sd_range
         sd_tx = lo + (hi - lo) / (1.0 + np.exp(-1.5 * s_raw))
     w1 = _random_orthogonal(rng, n_latent, n_latent)
     b1 = rng.normal(0.0, _HIDDEN_BIAS_SD, n_latent)
@@ -669,6 +699,7 @@ def simulate_screen(
         "n_latent_tx": dtx,
         "interaction_strength": interaction_strength,
         "interaction_rank": -1 if interaction_rank is None else int(interaction_rank),
+        "interaction_sd_range": np.array(sd_range),
         "n_holdout_pairs": len(holdout),
         "combinations": combo_names,
         "library_size": np.array([lib_mean, lib_sd]),

@@ -58,7 +58,7 @@ def interaction_effects(
     dose: float | str | None = None,
     n_top_genes: int = 10,
     max_cells_per_context: int | None = 500,
-    mode: Literal["prior", "abduction"] = "prior",
+    mode: Literal["prior", "abduction"] = "abduction",
     batch_size: int | None = None,
     return_gene_effects: bool = False,
     seed: int = 0,
@@ -69,12 +69,15 @@ def interaction_effects(
     control cells represent it. For every context ``x`` and treatment ``t`` (at ``dose``),
     each control cell is decoded with its own z_x (posterior mean) and:
 
-    (a) z_t and z_tx at the prior means of p(z_t | t) and p(z_tx | x, t): the counterfactual
-        of :meth:`~fcr_tools.FCRModel.predict_counterfactual`;
+    (a) z_t and z_tx at the prior means of p(z_t | t) and p(z_tx | x, t) (plus, in the
+        default ``"abduction"`` mode, the cell's own deviation from the prior means of its
+        observed treatment): the counterfactual of
+        :meth:`~fcr_tools.FCRModel.predict_counterfactual`;
     (b) the same with z_tx at the prior mean of p(z_tx | x, t=0), the interaction block of
         untreated cells (shared by all contexts): no interaction;
     (c) the same with z_tx at the mean over the scored contexts x' of the prior means of
-        p(z_tx | x', t): the interaction every context shares;
+        p(z_tx | x', t) (plus the cell's own deviation in ``"abduction"`` mode): the
+        interaction every context shares;
     (d) z_t and z_tx at their t=0 prior means: the control.
 
     Per (context, treatment), averaged over the context's cells, with differences taken as
@@ -109,8 +112,9 @@ def interaction_effects(
     max_cells_per_context
         Control cells used per context (a random subset when there are more; ``None``: all).
     mode
-        ``"prior"`` (population response) or ``"abduction"`` (each cell keeps its own
-        deviation of z_t and z_tx), as in :meth:`~fcr_tools.FCRModel.predict_counterfactual`.
+        ``"abduction"`` (default: each cell keeps its own deviation of z_t and z_tx) or
+        ``"prior"`` (population response), as in
+        :meth:`~fcr_tools.FCRModel.predict_counterfactual`.
     batch_size
         Cells per minibatch.
     return_gene_effects
@@ -181,9 +185,12 @@ def interaction_effects(
             for idx, d in encoded
         ]
         # the interaction every scored context shares: mean over contexts of E[z_tx | x', t]
-        e_all = module.covariate_embedding(torch.as_tensor(codes, device=device))
+        codes_t = torch.as_tensor(codes, device=device)
+        e_all = module.covariate_embedding(codes_t)
+        e_tx_all = module.interaction_context_embedding(codes_t, e_all)
         shared_tx = [
-            module.prior(e_all, t.expand(len(codes), -1))["tx"][0].mean(0) for t in vectors
+            module.prior(e_all, t.expand(len(codes), -1), e_tx_all)["tx"][0].mean(0)
+            for t in vectors
         ]
 
     rows, gene_rows = [], []
@@ -207,7 +214,9 @@ def interaction_effects(
                     full = module.counterfactual_latents(out, t, mode=mode)
                     y_a = _expression(module, [full["x"], full["t"], full["tx"]], library)
                     y_b = _expression(module, [full["x"], full["t"], ctrl["tx"]], library)
-                    shared = shared_tx[i].expand(n, -1)
+                    target_tx = module.prior(e_x, t, out["e_tx"])["tx"][0]
+                    # the shared interaction, with the cell's own deviation kept (abduction)
+                    shared = shared_tx[i].expand(n, -1) + full["tx"] - target_tx
                     y_c = _expression(module, [full["x"], full["t"], shared], library)
                     diff = (y_a - y_b).cpu().numpy()
                     sums["strength"][i] += _rms(diff).sum()
@@ -215,7 +224,7 @@ def interaction_effects(
                     sums["effect"][i] += _rms((y_a - y_ctrl).cpu().numpy()).sum()
                     abs_diff[i] += np.abs(diff).sum(0)
                     signed_diff[i] += diff.sum(0)
-                    moved = module.prior(e_x, t)["tx"][0] - module.prior(e_x, zero)["tx"][0]
+                    moved = target_tx - module.prior(e_x, zero, out["e_tx"])["tx"][0]
                     sums["latent"][i] += torch.linalg.vector_norm(moved, dim=-1).sum().item()
         n_cells = cells.size
         values = contexts.iloc[ctx_index].to_dict() if keys else {}
