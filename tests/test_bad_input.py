@@ -17,6 +17,7 @@ from scipy import sparse
 
 from fcr_tools import FCRModel, __version__
 from fcr_tools._pairing import registered_treatments, treatment_encoder
+from fcr_tools._registration import stand_in
 from fcr_tools._saving import MODEL_FORMAT
 
 SETUP = {"treatment_key": "drug", "dose_key": "dose", "covariate_keys": "cell_line"}
@@ -261,6 +262,16 @@ def test_prediction_writes_nothing_into_a_new_mudata(adata, make_screen):
     _assert_same(before, _frozen(other))
     np.testing.assert_allclose(latent, model.get_latent_representation(), rtol=1e-5, atol=1e-6)
     assert list(pred.obs_names) == list(other.obs_names[[2, 0]])
+
+
+def test_stand_in_reads_the_expression_layer_of_either_setup(adata):
+    mods = {"rna_layer": "rna"}
+    proxy = stand_in(mudata.MuData({"rna": adata}), {"rna_layer": "counts", "modalities": mods})
+    assert list(proxy.mod["rna"].layers) == ["counts"]
+    assert proxy.mod["rna"].layers["counts"] is adata.layers["counts"]  # shared, not copied
+    assert list(stand_in(adata, {"layer": "counts"}).layers) == ["counts"]
+    with pytest.raises(ValueError, match=r"set up from a MuData .* got an AnnData"):
+        stand_in(adata, {"rna_layer": "counts", "modalities": mods})
 
 
 def test_repeated_predictions_keep_a_bounded_number_of_registrations(trained_model, make_screen):

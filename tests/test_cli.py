@@ -117,7 +117,7 @@ def test_train_then_predict(make_screen, tmp_path, capsys):
     assert not np.allclose(sampled[0].X, sampled[2].X)
 
 
-def test_train_on_mudata_with_counts(make_screen, tmp_path):
+def test_train_on_mudata_with_counts_then_predict(make_screen, tmp_path, capsys):
     mudata = pytest.importorskip("mudata")
     mudata.MuData({"rna": make_screen()}).write(tmp_path / "screen.h5mu")
     code = main(
@@ -143,6 +143,23 @@ def test_train_on_mudata_with_counts(make_screen, tmp_path):
     assert code == 0
     assert "X_fcr_x" in ad.read_h5ad(tmp_path / "latents.h5ad").obsm
 
+    # predict with the model trained from the .h5mu, on an .h5mu (filtered on the modality's obs)
+    predict = ["predict", "--model", str(tmp_path / "model"), "--treatment", "drug_1"]
+    predict += ["--out", str(tmp_path / "pred.h5ad"), "--obs-filter", "drug=control"]
+    assert main([*predict, "--adata", str(tmp_path / "screen.h5mu")]) == 0
+    pred = ad.read_h5ad(tmp_path / "pred.h5ad")
+    assert set(pred.obs["source_drug"]) == {"control"} and set(pred.obs["drug"]) == {"drug_1"}
+    assert pred.n_vars == make_screen().n_vars and np.isfinite(pred.X).all()
+    # an .h5ad for a model trained from an .h5mu: one clear line, naming the file
+    make_screen().write_h5ad(tmp_path / "screen.h5ad")
+    capsys.readouterr()
+    assert main([*predict, "--adata", str(tmp_path / "screen.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fcr-tools predict: error: --adata ")
+    assert "screen.h5ad" in last and "trained from an .h5mu" in last
+
 
 TRAIN = ["train", "--treatment-key", "drug", *TINY_ARGS]
 PREDICT = ["predict", "--adata", "screen.h5ad", "--treatment", "drug_1", "--out", "p.h5ad"]
@@ -163,6 +180,14 @@ PREDICT = ["predict", "--adata", "screen.h5ad", "--treatment", "drug_1", "--out"
         ),
         ([*TRAIN, "--adata", "screen.h5ad", "--control", "DMSO", "--out-model", "m"], "'DMSO'"),
         ([*TRAIN, "--adata", "screen.h5ad", "--out-model", "full"], "--overwrite"),
+        (
+            [*TRAIN, "--adata", "screen.h5ad", "--out-model", "screen.csv"],
+            "--out-model screen.csv: is a file",
+        ),
+        (
+            [*TRAIN, "--adata", "screen.h5ad", "--out-model", "m", "--out-adata", "x.h5mu"],
+            "--out-adata x.h5mu: the input screen.h5ad is an AnnData",
+        ),
         ([*PREDICT, "--model", "m"], "not a saved FCR model"),
     ],
 )
@@ -175,6 +200,7 @@ def test_clear_one_line_errors(args, message, make_screen, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"fcr-tools {args[0]}: error: ")
     assert message in err
+    assert not (tmp_path / "m").exists()  # refused before training
 
 
 def test_predict_errors(make_screen, build_model, tmp_path, capsys):

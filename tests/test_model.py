@@ -421,6 +421,11 @@ def test_new_data_listing_categories_in_another_order(trained_model, make_screen
     np.testing.assert_allclose(pred.X, want.X, rtol=1e-5, atol=1e-5)
 
 
+def test_mudata_for_a_model_set_up_from_an_anndata(trained_model, make_screen):
+    with pytest.raises(ValueError, match=r"set up from an AnnData .* got a MuData.*mod\['rna'\]"):
+        trained_model.get_latent_representation(mudata.MuData({"rna": make_screen()}))
+
+
 def test_new_mudata(adata, make_screen, tmp_path):
     modalities = {key: "rna" for key in ("rna_layer", "treatment_key", "dose_key")}
     modalities["covariate_keys"] = "rna"
@@ -448,6 +453,11 @@ def test_new_mudata(adata, make_screen, tmp_path):
         model.get_latent_representation(mudata.MuData({"rna": renamed}))
     with pytest.raises(ValueError, match="'cell_line_3'"):
         model.get_latent_representation(mudata.MuData({"rna": make_screen(n_cell_lines=4)}))
+    # an AnnData for a model set up from a MuData: a clear error, not an AttributeError
+    with pytest.raises(ValueError, match=r"set up from a MuData .*'rna'.* got an AnnData"):
+        model.predict_counterfactual(make_screen(), treatment="drug_0")
+    with pytest.raises(ValueError, match=r"lacks the model's expression modality 'rna'"):
+        model.get_latent_representation(mudata.MuData({"gex": make_screen()}))
     model.save(tmp_path / "m")
     loaded = FCRModel.load(tmp_path / "m", adata=mudata.MuData({"rna": make_screen()}))
     np.testing.assert_array_equal(loaded.get_latent_representation(), expected)

@@ -36,9 +36,12 @@ from ._pairing import (
 )
 from ._registration import (
     MAX_STAND_INS,
+    check_data_kind,
     check_genes,
     check_source_genes,
+    expression_modality,
     recode_covariates,
+    registered_layer,
     stand_in,
 )
 from ._saving import (
@@ -447,8 +450,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
     def _registered_matrix(self, adata):
         """The expression matrix the model reads from ``adata``, and a readable name."""
         setup = self.registry_[_SETUP_ARGS_KEY]
-        layer = setup.get("layer", setup.get("rna_layer"))
-        return _data_matrix(adata, layer, (setup.get("modalities") or {}).get("rna_layer"))
+        return _data_matrix(adata, registered_layer(setup), expression_modality(setup))
 
     def _treated_categories(self) -> list[list[bool]] | None:
         """Per covariate, which categories have treated cells in the registered data."""
@@ -512,6 +514,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
     def _check_new_data(self, adata) -> None:
         """Clear errors for data that does not match the model (genes, columns, categories)."""
         setup = self.registry_[_SETUP_ARGS_KEY]
+        check_data_kind(adata, setup)
         mods = setup.get("modalities") or {}
         genes_source = adata.mod[mods["rna_layer"]] if mods else adata
         if genes_source.n_obs == 0:

@@ -59,28 +59,80 @@ def recode_covariates(manager: AnnDataManager) -> None:
             registered[key] = codes
 
 
-# Format of saved models, "major.minor": a new minor adds what older readers may ignore, a new
-# major changes what they rely on. Models saved before formats were recorded count as "0.0".
+def expression_modality(setup: dict) -> str | None:
+    """The modality holding the expression for a ``setup_mudata`` setup, else ``None``."""
+    return (setup.get("modalities") or {}).get("rna_layer")
+
+
+def registered_layer(setup: dict) -> str | None:
+    """The layer holding the expression (``None``: ``X``) for either setup method."""
+    return setup.get("rna_layer") if expression_modality(setup) else setup.get("layer")
+
+
+def check_data_kind(adata, setup: dict) -> None:
+    """Fail unless ``adata`` is the kind of object (AnnData / MuData) the model was set up from.
+
+    Parameters
+    ----------
+    adata
+        The AnnData or MuData a model is applied to.
+    setup
+        The model's registered setup arguments.
+
+    Raises
+    ------
+    ValueError
+        For an AnnData given to a model set up from a MuData, a MuData given to a model set up
+        from an AnnData, or a MuData without the model's expression modality.
+    """
+    modality = expression_modality(setup)
+    is_mudata = hasattr(adata, "mod")
+    if modality is not None and not is_mudata:
+        raise ValueError(
+            f"The model was set up from a MuData (expression in modality {modality!r}) and got "
+            f"an AnnData: pass a MuData with a {modality!r} modality, e.g. "
+            f"mudata.MuData({{{modality!r}: adata}})."
+        )
+    if modality is None and is_mudata:
+        raise ValueError(
+            "The model was set up from an AnnData and got a MuData: pass the AnnData of the "
+            "expression, e.g. mdata.mod['rna']."
+        )
+    if is_mudata and modality not in adata.mod:
+        raise ValueError(
+            f"The MuData lacks the model's expression modality {modality!r} (it has "
+            f"{list(adata.mod)})."
+        )
+
+
 def stand_in(adata, setup: dict):
     """A new AnnData / MuData with ``adata``'s arrays (shared, not copied) and copies of its obs.
 
     scvi-tools writes its registry (``_scvi_*`` obs columns, obsm and uns entries) into data a
     model is applied to, and turns a view into an actual AnnData in place. Prediction registers
     this stand-in instead, so the user's object is never written to.
+
+    Parameters
+    ----------
+    adata
+        The AnnData or MuData to stand in for, of the kind the model was set up from.
+    setup
+        The model's registered setup arguments (its expression layer and modalities).
     """
-    mods = setup.get("modalities") or {}
+    check_data_kind(adata, setup)
+    layer = registered_layer(setup)
     if hasattr(adata, "mod"):  # MuData
         import mudata
 
-        rna = mods.get("rna_layer")
+        rna = expression_modality(setup)
         parts = {
-            name: _stand_in_anndata(mod, setup.get("rna_layer") if name == rna else None)
+            name: _stand_in_anndata(mod, layer if name == rna else None)
             for name, mod in adata.mod.items()
         }
         stand_in = mudata.MuData(parts)
         stand_in.obs = adata.obs.copy()
         return stand_in
-    return _stand_in_anndata(adata, setup.get("layer"))
+    return _stand_in_anndata(adata, layer)
 
 
 def _stand_in_anndata(adata: ad.AnnData, layer: str | None) -> ad.AnnData:

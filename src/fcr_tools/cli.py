@@ -47,6 +47,16 @@ def _read_data(path: str, flag: str = "--adata"):
     raise CLIError(f"{flag} {path}: expected an .h5ad or .h5mu file.")
 
 
+def _obs_column(data, column: str):
+    """An obs column of an AnnData, or of a MuData (global obs, else a modality's obs)."""
+    if column in data.obs.columns:
+        return data.obs[column]
+    for modality in getattr(data, "mod", {}).values():
+        if column in modality.obs.columns:  # cells absent from the modality: no match
+            return modality.obs[column].reindex(data.obs_names)
+    return None
+
+
 def _obs_filter(adata, filters: Sequence[str] | None):
     """Boolean mask of the cells matching every ``COLUMN=VALUE`` filter."""
     import numpy as np
@@ -57,12 +67,13 @@ def _obs_filter(adata, filters: Sequence[str] | None):
         column = column.strip()
         if not sep or not column:
             raise CLIError(f"--obs-filter {item!r}: expected COLUMN=VALUE.")
-        if column not in adata.obs.columns:
+        values = _obs_column(adata, column)
+        if values is None:
             raise CLIError(
                 f"--obs-filter {item!r}: column {column!r} not found in obs "
                 f"({', '.join(map(str, adata.obs.columns[:15]))})."
             )
-        mask &= (adata.obs[column].astype(str) == value.strip()).to_numpy()
+        mask &= (values.astype(str) == value.strip()).to_numpy()
     if not mask.any():
         raise CLIError(f"--obs-filter {' '.join(filters or [])}: no cell matches.")
     return mask
@@ -88,12 +99,23 @@ def _mudata_modalities(mdata, modality: str, keys: list[str]) -> dict[str, str |
 # ------------------------------------------------------------------ train
 def _train(args: argparse.Namespace) -> int:
     out_model = Path(args.out_model)
+    if out_model.exists() and not out_model.is_dir():
+        raise CLIError(
+            f"--out-model {out_model}: is a file; the model is saved as a folder, give a "
+            "folder name."
+        )
     if out_model.exists() and any(out_model.iterdir()) and not args.overwrite:
         raise CLIError(f"--out-model {out_model}: exists and is not empty; add --overwrite.")
-    if args.out_adata and Path(args.out_adata).suffix.lower() not in (".h5ad", ".h5mu"):
+    out_suffix = Path(args.out_adata).suffix.lower() if args.out_adata else None
+    if out_suffix not in (None, ".h5ad", ".h5mu"):
         raise CLIError(f"--out-adata {args.out_adata}: expected an .h5ad or .h5mu file name.")
     covariates = _split_keys(args.covariate_keys)
     data = _read_data(args.adata)
+    if out_suffix == ".h5mu" and not hasattr(data, "mod"):
+        raise CLIError(
+            f"--out-adata {args.out_adata}: the input {args.adata} is an AnnData, and an .h5mu "
+            "file holds a MuData; name the output .h5ad."
+        )
 
     import scvi
 
@@ -160,10 +182,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise CLIError(f"--model {args.model}: not a saved FCR model (no model.pt).")
     if Path(args.out).suffix.lower() != ".h5ad":
         raise CLIError(f"--out {args.out}: expected an .h5ad file name.")
-    adata = _read_data(args.adata)
-    if hasattr(adata, "mod"):
-        raise CLIError("--adata: predict reads an .h5ad file; export the RNA modality first.")
-    cells = adata[_obs_filter(adata, args.obs_filter)].copy()
+    data = _read_data(args.adata)
+    mask = _obs_filter(data, args.obs_filter)
 
     import scvi
 
@@ -171,6 +191,18 @@ def _predict(args: argparse.Namespace) -> int:
 
     scvi.settings.seed = args.seed  # the draws of --mode sample
     model = FCRModel.load(str(model_dir), accelerator=args.accelerator)
+    from_mudata = model.registry_.get("setup_method_name") == "setup_mudata"
+    if from_mudata != hasattr(data, "mod"):
+        wanted = (
+            "an .h5mu file with its expression modality"
+            if from_mudata
+            else "an .h5ad file (the expression modality of an .h5mu, saved as .h5ad)"
+        )
+        raise CLIError(
+            f"--adata {args.adata}: the model at {args.model} was trained from an "
+            f"{'.h5mu (MuData)' if from_mudata else '.h5ad (AnnData)'}; pass {wanted}."
+        )
+    cells = data[mask].copy()
     _info(
         f"Predicting {cells.n_obs} cells under {args.treatment!r}"
         + (f" at dose {args.dose}" if args.dose is not None else "")
@@ -283,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out pred.h5ad",
     )
     predict.add_argument("--model", required=True, help="folder of a saved model")
-    predict.add_argument("--adata", required=True, help=".h5ad with the cells to transform")
+    predict.add_argument(
+        "--adata",
+        required=True,
+        help="cells to transform: .h5ad, or .h5mu for a model trained from an .h5mu",
+    )
     predict.add_argument("--treatment", required=True, help="target treatment label")
     predict.add_argument(
         "--dose", type=_dose, default=None, help="target dose (number, or d1+d2; default 1)"
@@ -331,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fcr-tools``: run a sub-command and return its exit status.
 
-    User errors (missing files, unknown columns or categories) print one line to stderr and
-    return 2.
+    User errors (missing or unwritable files, unknown columns or categories, data that do not
+    match the model) print one line to stderr and return 2.
 
     Examples
     --------
@@ -344,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, KeyError, ValueError, FileNotFoundError) as err:
+    except (CLIError, KeyError, ValueError, OSError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         message = " ".join(str(message).split())  # one line
         print(f"fcr-tools {args.command}: error: {message}", file=sys.stderr)
