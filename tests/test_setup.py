@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fcr_tools import FCRModel
+from fcr_tools import FCRModel, FCRTrainingPlan
 from fcr_tools._pairing import registered_treatments
 
 MODALITIES = {
@@ -397,6 +397,22 @@ def test_bad_plan_weight(trained_model):
         trained_model.train(
             max_epochs=1, enable_progress_bar=False, plan_kwargs={"adversarial_weight": -1.0}
         )
+
+
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float64(2.0), np.int64(3), 0, 1.5])
+def test_plan_weight_accepts_any_finite_real_number(adata, build_model, value):
+    plan = FCRTrainingPlan(build_model(adata, train=False).module, similarity_weight=value)
+    assert plan.loss_kwargs["similarity_weight"] == float(value)
+    assert type(plan.loss_kwargs["similarity_weight"]) is float
+
+
+@pytest.mark.parametrize(
+    "value", [True, np.bool_(False), -1.0, np.float32(-0.5), float("nan"), np.inf, "1", None]
+)
+def test_plan_weight_rejects_bools_and_non_finite_or_negative_values(adata, build_model, value):
+    module = build_model(adata, train=False).module
+    with pytest.raises(ValueError, match=r"similarity_weight must be a finite real number >= 0"):
+        FCRTrainingPlan(module, similarity_weight=value)
 
 
 def test_unregistered_anndata_is_rejected():

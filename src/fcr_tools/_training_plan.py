@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from scvi.train import TrainingPlan
 
@@ -25,6 +27,32 @@ LOSS_WEIGHTS = (
     "similarity_weight",
     "adversarial_weight",
 )
+
+
+def _checked_weight(name: str, value) -> float:
+    """A loss weight as a float: any finite real number >= 0 (numpy scalars too), not a bool.
+
+    Parameters
+    ----------
+    name
+        The weight's argument name, for the error message.
+    value
+        The weight given.
+
+    Returns
+    -------
+    float
+        ``value`` as a Python float.
+
+    Raises
+    ------
+    ValueError
+        For a bool, a non-number, a complex number, NaN, an infinite or a negative value.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if not (ok and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}.")
+    return float(value)
 
 
 class FCRTrainingPlan(TrainingPlan):
@@ -104,10 +132,8 @@ class FCRTrainingPlan(TrainingPlan):
         adversarial_weight: float = 1.0,
         **kwargs,
     ):
-        weights = {name: value for name, value in locals().items() if name in LOSS_WEIGHTS}
-        for name, value in weights.items():
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        given = {name: value for name, value in locals().items() if name in LOSS_WEIGHTS}
+        weights = {name: _checked_weight(name, value) for name, value in given.items()}
         if n_discriminator_steps < 0:
             raise ValueError("n_discriminator_steps must be >= 0.")
         if max_loss_ratio is not None and not max_loss_ratio > 1:
