@@ -4,6 +4,8 @@ Each test here is a row of the table in docs/bad_input.md (with the tests of tes
 test_model.py and test_pairing.py it cites).
 """
 
+import typing
+
 import anndata as ad
 import mudata
 import numpy as np
@@ -18,7 +20,7 @@ from scipy import sparse
 from fcr_tools import FCRModel, __version__
 from fcr_tools._pairing import registered_treatments, treatment_encoder
 from fcr_tools._registration import stand_in
-from fcr_tools._saving import MODEL_FORMAT
+from fcr_tools._saving import MODEL_FORMAT, check_saved_model
 
 SETUP = {"treatment_key": "drug", "dose_key": "dose", "covariate_keys": "cell_line"}
 TINY = {"n_latent_x": 2, "n_latent_t": 3, "n_latent_tx": 2, "n_hidden": 16}
@@ -372,8 +374,50 @@ def test_load_a_model_of_another_class(adata, tmp_path):
 def test_load_a_model_saved_by_a_newer_version(saved, model_format):
     newer = {"fcr_tools": "9.1.0", "model_format": model_format}
     _edit_saved(saved, lambda c: c["attr_dict"].update(fcr_version_=newer))
-    with pytest.raises(ValueError, match=r"saved by fcr_tools 9.1.0 .*newer format.*Upgrade"):
+    installed = rf"fcr_tools {__version__} \(model format {FORMAT}\)"
+    with pytest.raises(
+        ValueError,
+        match=rf"saved by fcr_tools 9.1.0 \(model format {model_format}\), a newer format "
+        rf"than this fcr_tools reads \({installed}\).*Upgrade",
+    ):
         FCRModel.load(saved)
+
+
+MAJOR, MINOR = MODEL_FORMAT
+
+
+@pytest.mark.parametrize(
+    ("model_format", "readable"),
+    [
+        (f"{MAJOR}.0", True),
+        (f"{MAJOR}.{MINOR}", True),
+        (f"{MAJOR}.{MINOR + 1}", False),
+        (f"{MAJOR + 1}.0", False),
+        (f"{MAJOR - 1}.{MINOR + 5}", False),
+        (None, True),  # saved before formats were recorded: read as format 1.0
+    ],
+)
+def test_model_format_policy(saved, model_format, readable):
+    """Same major and a minor <= the reader's loads; a newer minor or another major fails,
+    naming the saved format, the version that wrote it and the installed one."""
+    record = None if model_format is None else {"fcr_tools": "0.0.7", "model_format": model_format}
+    _edit_saved(saved, lambda c: c["attr_dict"].update(fcr_version_=record))
+    if readable:
+        assert check_saved_model(saved, None, True, ["FCRModel"])[0] == record
+        return
+    with pytest.raises(ValueError) as error:
+        check_saved_model(saved, None, True, ["FCRModel"])
+    message = str(error.value)
+    assert f"fcr_tools 0.0.7 (model format {model_format})" in message
+    assert f"fcr_tools {__version__} (model format {FORMAT})" in message
+    assert str(saved) in message
+
+
+def test_check_saved_model_returns_what_it_declares(saved, trained_model):
+    info, arguments = check_saved_model(saved, None, True, ["FCRModel"])
+    assert info == {"fcr_tools": __version__, "model_format": FORMAT}
+    assert arguments["n_latent_t"] == trained_model.module.n_latent["t"]
+    assert typing.get_type_hints(check_saved_model)["return"] == tuple[dict | None, dict]
 
 
 def test_load_a_compatible_model_saved_before_versions_were_recorded(saved, trained_model):

@@ -1,4 +1,17 @@
-"""Saving and loading checks: version record, clear errors for damaged model directories."""
+"""Saving and loading checks: version record, clear errors for damaged model directories.
+
+Model format policy
+-------------------
+``model.save`` records the fcr_tools version and the model format, ``"major.minor"``
+(:data:`MODEL_FORMAT`), in ``model.fcr_version_``. A new minor format adds model arguments (or
+the like) that a reader of that minor rebuilds older models with (:data:`ARGUMENTS_BEFORE`); a
+new major changes what every reader relies on. ``FCRModel.load`` reads a model whose format has
+its own major version and a minor up to its own. A newer minor format, which an older reader
+could silently get wrong, and any other major format fail with a message naming the saved
+format, the fcr_tools version that wrote it and the installed one. Models saved before formats
+were recorded (before fcr_tools 0.1.0) are read as format 1.0. This is the one statement of the
+policy in the code; ``docs/bad_input.md`` gives it to users.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +26,11 @@ from scvi.data._constants import _MODEL_NAME_KEY
 # 1.2: posterior, interaction_context, decoder, treatment_prior and dose_response became model
 # arguments (new defaults); models saved before them are rebuilt with the values they had.
 MODEL_FORMAT = (1, 2)
+# the format of models saved before formats were recorded
+UNRECORDED_FORMAT = (1, 0)
 
 # model arguments added after format 1.0, and the value every model saved before them had
+# (how this reader rebuilds a model of an older minor format)
 ARGUMENTS_BEFORE = {
     "interaction_prior": "mlp",
     "posterior": "free",
@@ -33,14 +49,19 @@ def version_info() -> dict[str, str]:
 
 
 def describe_version(info: dict | None) -> str:
+    """``"fcr_tools X (model format M.m)"`` for a version record (``None``: none recorded)."""
     if not info:
-        return "an fcr_tools version from before 0.1.0 (no version recorded; model format 0.0)"
+        return (
+            "an fcr_tools version from before 0.1.0 (no version recorded; read as model "
+            "format 1.0)"
+        )
     return f"fcr_tools {info.get('fcr_tools', '?')} (model format {info.get('model_format')})"
 
 
 def saved_format(info: dict | None) -> tuple[int, int]:
+    """The ``(major, minor)`` model format of a version record (``None``: 1.0)."""
     if not info:
-        return (0, 0)
+        return UNRECORDED_FORMAT
     try:
         major, minor = str(info["model_format"]).split(".")[:2]
         return int(major), int(minor)
@@ -48,13 +69,62 @@ def saved_format(info: dict | None) -> tuple[int, int]:
         raise ValueError(f"Unreadable fcr_tools version record {info!r}.") from err
 
 
+def check_format(info: dict | None, path: str) -> None:
+    """Fail unless this fcr_tools reads the model format of ``info`` (see the module's policy).
+
+    Parameters
+    ----------
+    info
+        The saved model's version record (``None``: saved before records, format 1.0).
+    path
+        The saved model's directory, for the message.
+
+    Raises
+    ------
+    ValueError
+        For a newer minor format or another major one, naming the saved format, the fcr_tools
+        version that wrote it and the installed one.
+    """
+    saved, installed = describe_version(info), describe_version(version_info())
+    try:
+        major, minor = saved_format(info)
+    except ValueError as err:
+        raise ValueError(f"The model at {path!r}: {err}") from err
+    if major > MODEL_FORMAT[0] or (major == MODEL_FORMAT[0] and minor > MODEL_FORMAT[1]):
+        raise ValueError(
+            f"The model at {path!r} was saved by {saved}, a newer format than this fcr_tools "
+            f"reads ({installed}). Upgrade fcr_tools (pip install -U fcr-tools) to load it."
+        )
+    if major < MODEL_FORMAT[0]:
+        raise ValueError(
+            f"The model at {path!r} was saved by {saved}, an older major format that this "
+            f"fcr_tools no longer reads ({installed}). Load it with the fcr_tools version that "
+            "saved it, or train the model again."
+        )
+
+
 def check_saved_model(
     dir_path, prefix: str | None, load_adata: bool, model_names: Sequence[str]
-) -> dict | None:
-    """Clear errors for a missing, truncated, foreign or too new saved model.
+) -> tuple[dict | None, dict]:
+    """Clear errors for a missing, truncated, foreign or unreadable-format saved model.
 
-    Returns the version record of the saved model (``None`` before versions were recorded)
-    and its saved ``__init__`` arguments.
+    Parameters
+    ----------
+    dir_path
+        Directory written by ``model.save``.
+    prefix
+        Prefix of the file names.
+    load_adata
+        Whether the data saved with the model will be read (then it is checked too).
+    model_names
+        Model class names the saved model may have; the first is named in errors.
+
+    Returns
+    -------
+    info : dict or None
+        The saved model's version record (``None`` before versions were recorded).
+    arguments : dict
+        Its saved ``__init__`` arguments.
     """
     path = os.fspath(dir_path)
     if not os.path.isdir(path):
@@ -90,12 +160,7 @@ def check_saved_model(
             f"{name}.load()."
         )
     info = attrs.get("fcr_version_")
-    if saved_format(info) > MODEL_FORMAT:
-        raise ValueError(
-            f"The model at {path!r} was saved by {describe_version(info)}, a newer format than "
-            f"this fcr_tools reads ({describe_version(version_info())}). Upgrade fcr_tools "
-            "(pip install -U fcr-tools) to load it."
-        )
+    check_format(info, path)
     if load_adata:
         setup_method = attrs["registry_"].get("setup_method_name", "setup_anndata")
         data_file = "mdata.h5mu" if setup_method == "setup_mudata" else "adata.h5ad"
