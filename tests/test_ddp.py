@@ -74,6 +74,9 @@ def test_rank_zero_saves_a_usable_model(ddp_run):
     history = json.loads((out / "history.json").read_text())
     assert len(history["train_loss"]) == 1 and np.isfinite(history["train_loss"]).all()
     assert "validation_loss" in history
+    # the partners' terms are logged (synchronised) next to the cells' own
+    for key in ("elbo_train", "elbo_partner_train", "kl_local_partner_validation"):
+        assert np.isfinite(history[key]).all(), key
     model = FCRModel.load(out / "model")
     assert model.is_trained
     weights = torch.cat([p.detach().reshape(-1).double() for p in model.module.parameters()])

@@ -5,6 +5,7 @@ import mudata
 import numpy as np
 import pytest
 import scvi
+from lightning.pytorch.callbacks import EarlyStopping
 
 from fcr_tools import FCRModel
 
@@ -19,6 +20,10 @@ LOSS_TERMS = [
     "discriminator_accuracy",
     "elbo",
     "reconstruction_loss",
+    "kl_local",
+    "elbo_partner",
+    "reconstruction_loss_partner",
+    "kl_local_partner",
 ]
 WIDTHS = {"x": 2, "t": 3, "tx": 2}  # the TINY model of conftest
 
@@ -65,6 +70,27 @@ def test_history_has_every_term(trained_model):
     assert ((accuracy >= 0) & (accuracy <= 1)).all()
 
 
+def test_logged_elbo_is_the_cells_own(trained_model):
+    """elbo_* / reconstruction_loss_* / kl_local_* leave the control partners out."""
+    for split in ("train", "validation"):
+
+        def h(term, split=split):
+            return _history(trained_model, f"{term}_{split}")
+
+        np.testing.assert_allclose(h("reconstruction_loss"), h("nll_cell"), rtol=1e-4)
+        np.testing.assert_allclose(h("kl_local"), h("kl_cell"), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(h("elbo"), h("nll_cell") + h("kl_cell"), rtol=1e-4)
+        np.testing.assert_allclose(
+            h("elbo_partner"), h("reconstruction_loss_partner") + h("kl_local_partner"), rtol=1e-4
+        )
+
+
+def test_partner_metrics_follow_control_weight(adata, build_model):
+    model = build_model(adata, train={"plan_kwargs": {"control_weight": 0.0}})
+    assert "elbo_train" in model.history
+    assert not [key for key in model.history if "partner" in key]
+
+
 def test_plan_kwargs_turn_terms_off(adata, build_model):
     model = build_model(
         adata,
@@ -95,6 +121,21 @@ def test_early_stopping_runs_and_stops(adata, build_model):
     )
     assert len(_history(model, "validation_loss")) == 2
     assert len(_history(model, "train_loss")) == 2
+    # it watches the validation cells' own negative ELBO, not the whole objective
+    (callback,) = [c for c in model.trainer.callbacks if isinstance(c, EarlyStopping)]
+    assert callback.monitor == "elbo_validation"
+
+
+def test_early_stopping_monitor_can_be_chosen(adata, build_model):
+    model = build_model(
+        adata,
+        train={
+            "early_stopping": True,
+            "early_stopping_monitor": "validation_loss",
+        },
+    )
+    (callback,) = [c for c in model.trainer.callbacks if isinstance(c, EarlyStopping)]
+    assert callback.monitor == "validation_loss"
 
 
 # ---------------------------------------------------------------------------- latents

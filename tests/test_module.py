@@ -93,10 +93,17 @@ def test_zero_weight_removes_its_metric_and_its_term(module_and_batch, weight):
     torch.testing.assert_close(full.loss - without.loss, term, rtol=1e-4, atol=1e-3)
 
 
+def _partner_terms(out, weight=WEIGHTS["control_weight"]):
+    """``weight`` times the partners' reconstruction and KL terms (unweighted in the output)."""
+    return tuple(
+        weight * out.partner_metrics[f"{k}_partner"] for k in ("reconstruction_loss", "kl_local")
+    )
+
+
 def test_zero_reconstruction_weight(module_and_batch):
     module, batch = module_and_batch
     full, without = _loss(module, batch), _loss(module, batch, reconstruction_weight=0.0)
-    rec = full.reconstruction_loss["reconstruction_loss"].mean()
+    rec = full.reconstruction_loss["reconstruction_loss"].mean() + _partner_terms(full)[0]
     assert "nll_cell" in without.extra_metrics
     torch.testing.assert_close(
         full.loss - without.loss, WEIGHTS["reconstruction_weight"] * rec, rtol=1e-4, atol=1e-3
@@ -106,37 +113,57 @@ def test_zero_reconstruction_weight(module_and_batch):
 def test_zero_kl_weight(module_and_batch):
     module, batch = module_and_batch
     full, without = _loss(module, batch), _loss(module, batch, kl_weight=0.0)
-    kl = full.kl_local["kl_local"].mean()
+    kl = full.kl_local["kl_local"].mean() + _partner_terms(full)[1]
     agg = full.extra_metrics["aggregate_kl"]
     expected = WEIGHTS["kl_weight"] * (kl + WEIGHTS["aggregate_kl_weight"] * agg)
     assert expected.item() > 0
     torch.testing.assert_close(full.loss - without.loss, expected, rtol=1e-4, atol=1e-3)
 
 
+def test_per_cell_terms_are_the_cells_own(module_and_batch):
+    """scvi-tools' reconstruction_loss / kl_local (hence elbo_*): the cells', no partners."""
+    module, batch = module_and_batch
+    n = batch["X"].shape[0]
+    torch.manual_seed(123)
+    out, gen, loss = module(batch, loss_kwargs=WEIGHTS)
+    x = torch.cat([batch["X"], batch["control_X"]])
+    nll = -gen["px"].log_prob(x).sum(-1)
+    kl = sum(
+        gaussian_kl(
+            out[f"qz_{k}"].loc,
+            out[f"qz_{k}"].scale ** 2,
+            out[f"pz_{k}"].loc,
+            out[f"pz_{k}"].scale ** 2,
+        )
+        for k in ("x", "t", "tx")
+    )
+    torch.testing.assert_close(loss.reconstruction_loss["reconstruction_loss"], nll[:n].detach())
+    torch.testing.assert_close(loss.kl_local["kl_local"], kl[:n].detach())
+    torch.testing.assert_close(loss.reconstruction_loss_sum / n, loss.extra_metrics["nll_cell"])
+    # the partners' terms, unweighted, on their own
+    partner = loss.partner_metrics
+    assert set(partner) == {"reconstruction_loss_partner", "kl_local_partner", "elbo_partner"}
+    torch.testing.assert_close(partner["reconstruction_loss_partner"], nll[n:].mean().detach())
+    torch.testing.assert_close(partner["kl_local_partner"], kl[n:].mean().detach())
+    torch.testing.assert_close(partner["elbo_partner"], (nll[n:] + kl[n:]).mean().detach())
+
+
 def test_zero_control_weight_drops_the_partners_terms(module_and_batch):
     module, batch = module_and_batch
     full, without = _loss(module, batch), _loss(module, batch, control_weight=0.0)
-    m = full.extra_metrics
-    # per-cell losses: the cell's term plus control_weight times its partner's
-    partner_nll = full.reconstruction_loss["reconstruction_loss"].mean() - m["nll_cell"]
-    partner_kl = full.kl_local["kl_local"].mean() - m["kl_cell"]
+    partner_nll, partner_kl = _partner_terms(full)
     assert partner_nll.item() > 0
     expected = WEIGHTS["reconstruction_weight"] * partner_nll + WEIGHTS["kl_weight"] * partner_kl
     torch.testing.assert_close(full.loss - without.loss, expected, rtol=1e-4, atol=1e-3)
-    # the partners' terms scale with control_weight
+    # the partners' logged terms do not depend on control_weight
     one = _loss(module, batch, control_weight=1.0)
-    torch.testing.assert_close(
-        partner_nll,
-        WEIGHTS["control_weight"]
-        * (one.reconstruction_loss["reconstruction_loss"].mean() - m["nll_cell"]),
-    )
-    torch.testing.assert_close(
-        partner_kl, WEIGHTS["control_weight"] * (one.kl_local["kl_local"].mean() - m["kl_cell"])
-    )
-    # without partners' terms, the per-cell losses are the cell's own
-    torch.testing.assert_close(
-        without.reconstruction_loss["reconstruction_loss"].mean(), m["nll_cell"]
-    )
+    for key, value in one.partner_metrics.items():
+        torch.testing.assert_close(full.partner_metrics[key], value)
+    # with control_weight 0 they are not computed; the cells' own terms never change
+    assert without.partner_metrics == {}
+    for out in (without, one):
+        torch.testing.assert_close(out.reconstruction_loss, full.reconstruction_loss)
+        torch.testing.assert_close(out.kl_local, full.kl_local)
 
 
 def test_partners_enter_as_untreated_cells_of_the_same_covariates(module_and_batch):
@@ -178,6 +205,7 @@ def test_unpaired_batch_has_no_similarity_term(module_and_batch):
     assert torch.isfinite(out.loss)
     assert "similarity" not in out.extra_metrics
     assert "treatment_ce" in out.extra_metrics
+    assert out.partner_metrics == {}
     assert out.reconstruction_loss["reconstruction_loss"].shape == (batch["X"].shape[0],)
 
 

@@ -589,8 +589,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size
             Cells per minibatch (each comes with its control partner).
         early_stopping
-            Stop when ``early_stopping_monitor`` (default ``"validation_loss"``) stops
-            improving for ``early_stopping_patience`` epochs (default 45).
+            Stop when ``early_stopping_monitor`` stops improving for
+            ``early_stopping_patience`` epochs (default 45). The default monitor is
+            ``"elbo_validation"``, the validation cells' own negative ELBO, not
+            ``"validation_loss"`` (the whole objective, adversarial term included): see
+            :class:`~fcr_tools.FCRTrainingPlan` for why and for every logged metric.
         plan_kwargs
             Arguments of :class:`~fcr_tools.FCRTrainingPlan`: learning rates and the weight of
             every term of the objective.
@@ -612,7 +615,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             trainer_kwargs["strategy"] = _DDP_FIND_UNUSED[strategy]
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+            trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
         return super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,

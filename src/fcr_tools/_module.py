@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -49,6 +50,21 @@ def gaussian_kl(
 ) -> torch.Tensor:
     """KL(N(q) || N(p)) of diagonal Gaussians, summed over the last dimension."""
     return gaussian_kl_per_dim(q_mean, q_var, p_mean, p_var).sum(-1)
+
+
+@dataclass
+class FCRLossOutput(LossOutput):
+    """scvi-tools' :class:`~scvi.module.base.LossOutput` plus the control partners' terms.
+
+    ``reconstruction_loss`` and ``kl_local`` are the cells' own, so that scvi-tools'
+    ``elbo_*``, ``reconstruction_loss_*`` and ``kl_local_*`` metrics are the cells' negative
+    ELBO and its two parts. ``partner_metrics`` holds the partners' mean reconstruction
+    negative log-likelihood and KL, unweighted (the objective adds ``control_weight`` times
+    them), under ``reconstruction_loss_partner`` and ``kl_local_partner``, and their sum under
+    ``elbo_partner``; it is empty when the minibatch has no partners or ``control_weight`` is 0.
+    """
+
+    partner_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -439,12 +455,15 @@ class FCRModule(BaseModuleClass):
         treatment_classifier_weight: float = 1.0,
         similarity_weight: float = 1.0,
         adversarial_weight: float = 1.0,
-    ) -> LossOutput:
+    ) -> FCRLossOutput:
         """The FCR objective for one minibatch.
 
         The minibatch holds ``B`` cells and, during training, one control partner per cell
         (same covariates, no treatment), stacked after them. Terms with a weight of 0 are not
-        computed.
+        computed. ``loss`` is the whole weighted objective; ``reconstruction_loss`` and
+        ``kl_local`` are the cells' own per-cell terms, unweighted (their sum is the cells'
+        negative ELBO); the partners' terms are in ``partner_metrics`` (see
+        ``FCRLossOutput``).
 
         Examples
         --------
@@ -467,11 +486,19 @@ class FCRModule(BaseModuleClass):
             for k in ("x", "t", "tx")
         )
         rec_cell, kl_cell = nll[:b], kl[:b]
+        rec_total, kl_total = rec_cell, kl_cell  # per cell: its own terms plus its partner's
+        partner_metrics = {}
         if paired and control_weight > 0:
-            rec_cell = rec_cell + control_weight * nll[b:]
-            kl_cell = kl_cell + control_weight * kl[b:]
-        loss = reconstruction_weight * rec_cell.mean() + kl_weight * kl_cell.mean()
-        metrics = {"nll_cell": nll[:b].mean().detach(), "kl_cell": kl[:b].mean().detach()}
+            rec_total = rec_total + control_weight * nll[b:]
+            kl_total = kl_total + control_weight * kl[b:]
+            rec_partner, kl_partner = nll[b:].mean().detach(), kl[b:].mean().detach()
+            partner_metrics = {
+                "reconstruction_loss_partner": rec_partner,
+                "kl_local_partner": kl_partner,
+                "elbo_partner": rec_partner + kl_partner,
+            }
+        loss = reconstruction_weight * rec_total.mean() + kl_weight * kl_total.mean()
+        metrics = {"nll_cell": rec_cell.mean().detach(), "kl_cell": kl_cell.mean().detach()}
 
         need_groups = aggregate_kl_weight > 0 or adversarial_weight > 0
         groups, n_groups = self._groups(out) if need_groups else (None, 0)
@@ -526,11 +553,12 @@ class FCRModule(BaseModuleClass):
             metrics["adversarial"] = fool.detach()
             metrics["discriminator_accuracy"] = accuracy
 
-        return LossOutput(
+        return FCRLossOutput(
             loss=loss,
             reconstruction_loss=rec_cell,
             kl_local=kl_cell,
             extra_metrics=metrics,
+            partner_metrics=partner_metrics,
         )
 
     # ------------------------------------------------------------------ prediction

@@ -63,6 +63,35 @@ class FCRTrainingPlan(TrainingPlan):
     ``n_discriminator_steps`` updates of the two permutation discriminators, on the same
     minibatch's latents detached from the encoder.
 
+    **Logged metrics** (``model.history``; each with a ``_train`` and a ``_validation``
+    version unless named otherwise):
+
+    - ``train_loss`` and ``validation_loss``: the whole weighted objective that the
+      autoencoder update minimises (every term below with its weight, the KL terms with the
+      current warm-up weight, the adversarial term against the discriminators of the moment).
+    - ``elbo``, ``reconstruction_loss``, ``kl_local`` (scvi-tools' names and meaning): the
+      cells' own negative ELBO per cell and its two parts, unweighted (no
+      ``reconstruction_weight``, no warm-up). The control partners are not in them.
+    - ``elbo_partner``, ``reconstruction_loss_partner``, ``kl_local_partner``: the same for
+      the control partners, unweighted (the objective adds ``control_weight`` times them);
+      not logged when ``control_weight`` is 0.
+    - ``nll_cell``, ``kl_cell``, ``aggregate_kl``, ``covariate_ce``, ``treatment_ce``,
+      ``similarity``, ``adversarial``: each term of the objective, unweighted (``nll_cell``
+      and ``kl_cell`` equal ``reconstruction_loss`` and ``kl_local``); a term with weight 0
+      is not logged.
+    - ``discriminator_accuracy`` (0.5: the discriminators are fooled) and
+      ``discriminator_loss_train``, the discriminators' own loss (training only).
+
+    **Early stopping** (``model.train(early_stopping=True)``) watches ``elbo_validation``, the
+    validation cells' own negative ELBO, and not ``validation_loss``. The ELBO measures how
+    well the generative model fits cells it was not trained on, which is what should stop
+    improving when training goes on too long, and it is comparable from one epoch to the
+    next. ``validation_loss`` is not: its adversarial term is the value of a two-player game
+    that rises whenever the discriminators get better, its KL weight changes during warm-up,
+    and its classifier and similarity terms are regularisers of the latent space rather than
+    fit. ``validation_loss`` stays the whole objective so that it can be compared with
+    ``train_loss``; pass ``early_stopping_monitor="validation_loss"`` to watch it anyway.
+
     Parameters
     ----------
     module
@@ -228,12 +257,25 @@ class FCRTrainingPlan(TrainingPlan):
             return super().validation_step(batch, batch_idx)
 
     def compute_and_log_metrics(self, loss_output, metrics, mode: str):
-        """Log the loss terms as scvi-tools does, under ``no_grad`` instead of inference mode.
+        """Log the loss terms as scvi-tools does, then the control partners' terms.
 
-        Metrics created in inference mode cannot be synchronised between DDP processes.
+        scvi-tools' ``elbo_*``, ``reconstruction_loss_*`` and ``kl_local_*`` are the cells'
+        own; the partners' are logged as ``reconstruction_loss_partner_*``,
+        ``kl_local_partner_*`` and ``elbo_partner_*``. All under ``no_grad`` instead of
+        inference mode: metrics created in inference mode cannot be synchronised between DDP
+        processes.
         """
         with torch.no_grad():
             TrainingPlan.compute_and_log_metrics.__wrapped__(self, loss_output, metrics, mode)
+            for key, value in getattr(loss_output, "partner_metrics", {}).items():
+                self.log(
+                    f"{key}_{mode}",
+                    value,
+                    on_step=self.on_step,
+                    on_epoch=self.on_epoch,
+                    batch_size=loss_output.n_obs_minibatch,
+                    sync_dist=self.use_sync_dist,
+                )
 
     def training_step(self, batch, batch_idx):
         """One autoencoder update, then the discriminator updates."""
