@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -53,8 +52,6 @@ from ._saving import (
 from ._training_plan import FCRTrainingPlan
 from ._treatments import TreatmentEncoder
 from ._validation import as_key_list, check_expression, check_setup_columns
-
-logger = logging.getLogger(__name__)
 
 Block = Literal["x", "t", "tx", "all"]
 

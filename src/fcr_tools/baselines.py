@@ -16,6 +16,8 @@ from scipy import sparse
 
 from ._validation import as_key_list, require_column
 
+__all__ = ["AdditiveBaseline", "ControlMeanBaseline"]
+
 
 def _dose_label(dose) -> str:
     """Canonical dose label: numbers compare by value, strings ("d1+d2") as written."""
