@@ -4,7 +4,10 @@ Each test here is a row of the table in docs/bad_input.md (with the tests of tes
 test_model.py and test_pairing.py it cites).
 """
 
+import tempfile
+import threading
 import typing
+from concurrent.futures import ThreadPoolExecutor
 
 import anndata as ad
 import mudata
@@ -16,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import sparse
+from scvi.model.base import BaseModelClass
 
 from fcr_tools import FCRModel, __version__
 from fcr_tools._pairing import registered_treatments, treatment_encoder
@@ -490,6 +494,78 @@ def test_load_a_model_saved_by_0_1_with_its_architecture(adata, build_model, tmp
     loaded.save(path, overwrite=True)
     assert FCRModel.load(path).module.decoder_kind == "mlp"
     assert build_model(adata.copy(), train=False).module.decoder_kind == "skip"
+
+
+def _save_as_format_1_0(model, path, **edits):
+    """Save ``model`` as fcr_tools 0.1.0 did in format 1.0: no interaction_prior argument."""
+
+    def edit(content):
+        attrs = content["attr_dict"]
+        attrs["init_params_"]["non_kwargs"].pop("interaction_prior")
+        attrs["init_params_"]["non_kwargs"].update(edits)
+        attrs["fcr_version_"] = {"fcr_tools": "0.1.0", "model_format": "1.0"}
+
+    model.save(path, save_anndata=True)
+    _edit_saved(path, edit)
+    return path
+
+
+def test_loads_of_models_of_different_formats_in_a_row_leave_no_state(
+    adata, build_model, saved, tmp_path, monkeypatch
+):
+    """Loading a model of an older format changes nothing for the next model, nor the save."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    old = _save_as_format_1_0(
+        build_model(adata, train=False, interaction_prior="mlp"), tmp_path / "old"
+    )
+    before = (old / "model.pt").read_bytes()
+    for path, prior in [(old, "mlp"), (saved, "linear"), (old, "mlp"), (saved, "linear")]:
+        assert FCRModel.load(path).module.interaction_prior == prior
+    assert FCRModel.load(old, adata=adata.copy()).module.interaction_prior == "mlp"
+    assert (old / "model.pt").read_bytes() == before  # the saved model is never written to
+    assert list(scratch.iterdir()) == []  # nor is anything left behind
+    assert build_model(adata.copy(), train=False).module.interaction_prior == "linear"
+
+
+def test_a_failed_load_of_an_older_model_leaves_no_state(
+    adata, build_model, saved, tmp_path, monkeypatch
+):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    model = build_model(adata, train=False, interaction_prior="mlp")
+    broken = _save_as_format_1_0(model, tmp_path / "broken", n_hidden=0)
+    with pytest.raises(ValueError, match="n_hidden must be a positive integer"):
+        FCRModel.load(broken)  # raised by __init__, while scvi-tools constructs the model
+    assert list(scratch.iterdir()) == []
+    assert FCRModel.load(saved).module.interaction_prior == "linear"
+    assert build_model(adata.copy(), train=False).module.interaction_prior == "linear"
+
+
+def test_loads_in_threads_build_each_model_with_its_own_arguments(
+    adata, build_model, saved, tmp_path, monkeypatch
+):
+    """Two loads whose constructions overlap (an older format's and the current one's)."""
+    other = adata.copy()
+    # scvi-tools keeps the setups of all models of a class by the data's uuid: data saved with
+    # both models under one uuid would collide there (scvi-tools' state, not FCRModel's)
+    del other.uns["_scvi_uuid"]
+    old = _save_as_format_1_0(
+        build_model(other, train=False, interaction_prior="mlp"), tmp_path / "old"
+    )
+    barrier = threading.Barrier(2, timeout=60)
+    construct = BaseModelClass.__init__
+
+    def overlapping(self, *args, **kwargs):
+        barrier.wait()  # both loads are inside their construction before either goes on
+        construct(self, *args, **kwargs)
+
+    monkeypatch.setattr(BaseModelClass, "__init__", overlapping)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        models = list(pool.map(FCRModel.load, [old, saved]))
+    assert [m.module.interaction_prior for m in models] == ["mlp", "linear"]
 
 
 def test_load_an_incompatible_older_model_names_the_versions(saved):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Literal
 
 import anndata as ad
@@ -44,9 +45,9 @@ from ._registration import (
     stand_in,
 )
 from ._saving import (
-    check_saved_model,
     describe_version,
-    legacy_model_arguments,
+    loadable_save,
+    read_saved_model,
     version_info,
 )
 from ._training_plan import FCRTrainingPlan
@@ -164,7 +165,6 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
     _module_cls = FCRModule
     _training_plan_cls = FCRTrainingPlan
     _data_splitter_cls = FCRDataSplitter
-    _legacy_arguments: dict = {}  # set by load() for models saved by older versions
 
     def __init__(
         self,
@@ -191,15 +191,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             self.adata_manager.validate()
         if likelihood not in ("gaussian", "nb"):
             raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
-        # a model saved before an argument existed is rebuilt with its value at the time;
-        # FCRModule checks the values
-        legacy = self._legacy_arguments
-        interaction_prior = legacy.get("interaction_prior", interaction_prior)
-        posterior = legacy.get("posterior", posterior)
-        interaction_context = legacy.get("interaction_context", interaction_context)
-        decoder = legacy.get("decoder", decoder)
-        treatment_prior = legacy.get("treatment_prior", treatment_prior)
-        dose_response = legacy.get("dose_response", dose_response)
+        # FCRModule checks the architecture arguments (load() passes a model saved before one
+        # existed the value it had then, see _saving.with_arguments_before)
         for name, value in [
             ("n_latent_x", n_latent_x),
             ("n_latent_t", n_latent_t),
@@ -685,22 +678,29 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         --------
         >>> model = FCRModel.load("fcr_model", adata=adata)  # doctest: +SKIP
         """
-        info, legacy = None, {}
+        info, saved = None, None
         if backup_url is None:
             names = [cls.__name__, *(kwargs.get("allowed_classes_names_list") or [])]
-            info, saved_arguments = check_saved_model(dir_path, prefix, adata is None, names)
-            legacy = legacy_model_arguments(saved_arguments)
-        cls._legacy_arguments = legacy  # read by __init__, which scvi-tools calls in load
+            saved = read_saved_model(dir_path, prefix, adata is None, names)
+            info = saved["attr_dict"].get("fcr_version_")
+        # a model of an older format is read with the arguments it predates, their values then,
+        # among its saved __init__ arguments, from which __init__ builds its architecture; a
+        # model downloaded by scvi-tools (backup_url) is read as it is
+        if saved is None:
+            source = nullcontext((dir_path, prefix, adata))
+        else:
+            source = loadable_save(dir_path, prefix, saved, adata)
         try:
-            model = super().load(
-                dir_path,
-                adata=adata,
-                accelerator=accelerator,
-                device=device,
-                prefix=prefix,
-                backup_url=backup_url,
-                **kwargs,
-            )
+            with source as (path, name, data):
+                model = super().load(
+                    path,
+                    adata=data,
+                    accelerator=accelerator,
+                    device=device,
+                    prefix=name,
+                    backup_url=backup_url,
+                    **kwargs,
+                )
         except (RuntimeError, TypeError) as err:
             text = str(err)
             if "state_dict" not in text and "unexpected keyword argument" not in text:
@@ -709,8 +709,6 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
                 f"The model at {os.fspath(dir_path)!r} was saved by {describe_version(info)} "
                 f"and cannot be loaded by {describe_version(version_info())}: {text}"
             ) from err
-        finally:
-            cls._legacy_arguments = {}
         if backup_url is None and info is None:
             model.fcr_version_ = None  # saved before versions were recorded
         return model

@@ -16,7 +16,9 @@ policy in the code; ``docs/bad_input.md`` gives it to users.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from scvi.data._constants import _MODEL_NAME_KEY
@@ -103,10 +105,11 @@ def check_format(info: dict | None, path: str) -> None:
         )
 
 
-def check_saved_model(
+def read_saved_model(
     dir_path, prefix: str | None, load_adata: bool, model_names: Sequence[str]
-) -> tuple[dict | None, dict]:
-    """Clear errors for a missing, truncated, foreign or unreadable-format saved model.
+) -> dict:
+    """The contents of a saved model's ``model.pt``, with clear errors for a missing,
+    truncated, foreign or unreadable-format saved model.
 
     Parameters
     ----------
@@ -121,10 +124,8 @@ def check_saved_model(
 
     Returns
     -------
-    info : dict or None
-        The saved model's version record (``None`` before versions were recorded).
-    arguments : dict
-        Its saved ``__init__`` arguments.
+    The dictionary scvi-tools' ``model.save`` wrote (``attr_dict``, ``model_state_dict``,
+    ``var_names``), read onto the CPU.
     """
     path = os.fspath(dir_path)
     if not os.path.isdir(path):
@@ -162,9 +163,7 @@ def check_saved_model(
     info = attrs.get("fcr_version_")
     check_format(info, path)
     if load_adata:
-        setup_method = attrs["registry_"].get("setup_method_name", "setup_anndata")
-        data_file = "mdata.h5mu" if setup_method == "setup_mudata" else "adata.h5ad"
-        data_path = os.path.join(path, f"{prefix or ''}{data_file}")
+        data_path = saved_data_path(path, prefix, attrs["registry_"])
         if os.path.exists(data_path):
             import h5py
 
@@ -177,10 +176,100 @@ def check_saved_model(
                     f"truncated or corrupt ({err}). Pass adata=... to load the model onto your "
                     "data instead."
                 ) from err
-    init = attrs.get("init_params_") or {}
-    return info, {**init.get("non_kwargs", {}), **init.get("kwargs", {})}
+    return saved
+
+
+def check_saved_model(
+    dir_path, prefix: str | None, load_adata: bool, model_names: Sequence[str]
+) -> tuple[dict | None, dict]:
+    """Clear errors for a missing, truncated, foreign or unreadable-format saved model.
+
+    Parameters are those of :func:`read_saved_model`.
+
+    Returns
+    -------
+    info : dict or None
+        The saved model's version record (``None`` before versions were recorded).
+    arguments : dict
+        Its saved ``__init__`` arguments.
+    """
+    saved = read_saved_model(dir_path, prefix, load_adata, model_names)
+    return saved["attr_dict"].get("fcr_version_"), saved_arguments(saved)
+
+
+def saved_data_path(dir_path, prefix: str | None, registry: dict) -> str:
+    """Where ``model.save(..., save_anndata=True)`` writes the data of a model (its registry)."""
+    setup_method = registry.get("setup_method_name", "setup_anndata")
+    data_file = "mdata.h5mu" if setup_method == "setup_mudata" else "adata.h5ad"
+    return os.path.join(os.fspath(dir_path), f"{prefix or ''}{data_file}")
+
+
+def saved_arguments(saved: dict) -> dict:
+    """The ``__init__`` arguments in the contents of a saved model."""
+    init = saved["attr_dict"].get("init_params_") or {}
+    if "non_kwargs" not in init:  # scvi-tools' older, flat record
+        return {name: value for name, value in init.items() if not isinstance(value, dict)}
+    kwargs = {k: v for group in init.get("kwargs", {}).values() for k, v in group.items()}
+    return {**init["non_kwargs"], **kwargs}
 
 
 def legacy_model_arguments(saved_arguments: dict) -> dict:
     """Arguments whose default changed since a model was saved: their value at the time."""
     return {name: value for name, value in ARGUMENTS_BEFORE.items() if name not in saved_arguments}
+
+
+def with_arguments_before(saved: dict) -> dict | None:
+    """The contents of a saved model with the arguments its format predates filled in.
+
+    A model of an older minor format was saved without the arguments added since; rebuilt
+    with today's defaults it would get another architecture. This returns a copy of
+    ``saved`` whose ``__init__`` arguments also hold those arguments' values at the time
+    (:data:`ARGUMENTS_BEFORE`), so that the model is constructed with them as ordinary
+    arguments. ``None`` when nothing is missing (``saved`` loads as it is).
+    """
+    attrs = saved["attr_dict"]
+    init = attrs.get("init_params_")
+    if not isinstance(init, dict):
+        return None  # scvi-tools' load says what is wrong
+    missing = legacy_model_arguments(saved_arguments(saved))
+    if not missing:
+        return None
+    if "non_kwargs" in init:
+        init = {**init, "non_kwargs": {**init["non_kwargs"], **missing}}
+    else:
+        init = {**init, **missing}
+    return {**saved, "attr_dict": {**attrs, "init_params_": init}}
+
+
+@contextmanager
+def loadable_save(dir_path, prefix: str | None, saved: dict, adata) -> Iterator[tuple]:
+    """Where scvi-tools' ``load`` reads a saved model from: ``(dir_path, prefix, adata)``.
+
+    A model of the current format is read where it is. For one of an older minor format
+    (:func:`with_arguments_before`), the completed ``model.pt`` is written to a temporary
+    directory, removed on exit, and the data saved with the model (when ``adata`` is
+    ``None``) is read from the original directory and passed on as ``adata``. The saved
+    model itself is never written to.
+    """
+    converted = with_arguments_before(saved)
+    if converted is None:
+        yield dir_path, prefix, adata
+        return
+    if adata is None:
+        data_path = saved_data_path(dir_path, prefix, saved["attr_dict"]["registry_"])
+        if os.path.exists(data_path):
+            adata = _read_data(data_path)
+    with tempfile.TemporaryDirectory(prefix="fcr_tools_load_") as scratch:
+        torch.save(converted, os.path.join(scratch, "model.pt"))
+        yield scratch, None, adata
+
+
+def _read_data(path: str):
+    """Read saved data as scvi-tools' ``load`` does."""
+    if path.endswith(".h5mu"):
+        import mudata
+
+        return mudata.read_h5mu(path)
+    import anndata
+
+    return anndata.read_h5ad(path)
