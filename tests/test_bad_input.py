@@ -23,7 +23,7 @@ from scvi.model.base import BaseModelClass
 
 from fcr_tools import FCRModel, __version__
 from fcr_tools._pairing import registered_treatments, treatment_encoder
-from fcr_tools._registration import stand_in
+from fcr_tools._registration import RegisteredSetup, stand_in
 from fcr_tools._saving import MODEL_FORMAT, check_saved_model
 
 SETUP = {"treatment_key": "drug", "dose_key": "dose", "covariate_keys": "cell_line"}
@@ -268,6 +268,25 @@ def test_prediction_writes_nothing_into_a_new_mudata(adata, make_screen):
     _assert_same(before, _frozen(other))
     np.testing.assert_allclose(latent, model.get_latent_representation(), rtol=1e-5, atol=1e-6)
     assert list(pred.obs_names) == list(other.obs_names[[2, 0]])
+
+
+def test_registered_setup_says_where_either_setup_reads_from(adata):
+    setup = RegisteredSetup({**SETUP, "control_treatment": "control", "layer": "counts"})
+    assert (setup.is_mudata, setup.layer, setup.covariate_keys) == (False, "counts", ["cell_line"])
+    assert setup.expression_data(adata) is adata
+    assert setup.obs(adata, "dose_key") is adata.obs
+    assert setup.genes(adata.var_names) is adata.var_names
+    mdata = mudata.MuData({"rna": adata})
+    mods = {"rna_layer": "rna", "covariate_keys": "rna"}
+    setup = RegisteredSetup({**SETUP, "rna_layer": "counts", "modalities": mods})
+    assert (setup.is_mudata, setup.layer, setup.expression_modality) == (True, "counts", "rna")
+    assert setup.expression_data(mdata) is mdata.mod["rna"]
+    assert setup.obs(mdata, "covariate_keys") is mdata.mod["rna"].obs
+    assert setup.obs(mdata, "treatment_key") is mdata.obs  # not mapped: the MuData's own obs
+    np.testing.assert_array_equal(
+        np.ravel(setup.column(mdata, "covariate_keys", "cell_line")), adata.obs["cell_line"]
+    )
+    assert setup.genes({"rna": adata.var_names}) is adata.var_names
 
 
 def test_stand_in_reads_the_expression_layer_of_either_setup(adata):

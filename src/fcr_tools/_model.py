@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scvi.data import AnnDataManager
-from scvi.data._constants import _SCVI_UUID_KEY, _SETUP_ARGS_KEY
+from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data._utils import get_anndata_attribute
 from scvi.data.fields import (
     CategoricalJointObsField,
@@ -36,12 +36,11 @@ from ._pairing import (
 )
 from ._registration import (
     MAX_STAND_INS,
+    RegisteredSetup,
     check_data_kind,
     check_genes,
     check_source_genes,
-    expression_modality,
     recode_covariates,
-    registered_layer,
     stand_in,
 )
 from ._saving import (
@@ -423,24 +422,29 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         return treatment_encoder(self.registry_)
 
     @property
+    def _setup(self) -> RegisteredSetup:
+        """Where the model reads its data from (layer, modalities, columns)."""
+        return RegisteredSetup.from_registry(self.registry_)
+
+    @property
     def treatment_key(self) -> str:
         """The registered treatment column."""
-        return self.registry_[_SETUP_ARGS_KEY]["treatment_key"]
+        return self._setup.treatment_key
 
     @property
     def dose_key(self) -> str | None:
         """The registered dose column, or ``None`` (dose 1 for every treated cell)."""
-        return self.registry_[_SETUP_ARGS_KEY].get("dose_key")
+        return self._setup.dose_key
 
     @property
     def covariate_keys(self) -> list[str]:
         """The registered covariate columns."""
-        return as_key_list(self.registry_[_SETUP_ARGS_KEY].get("covariate_keys"))
+        return self._setup.covariate_keys
 
     def _registered_matrix(self, adata):
         """The expression matrix the model reads from ``adata``, and a readable name."""
-        setup = self.registry_[_SETUP_ARGS_KEY]
-        return _data_matrix(adata, registered_layer(setup), expression_modality(setup))
+        setup = self._setup
+        return _data_matrix(adata, setup.layer, setup.expression_modality)
 
     def _treated_categories(self) -> list[list[bool]] | None:
         """Per covariate, which categories have treated cells in the registered data."""
@@ -475,12 +479,12 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         if adata is None or self._is_registered(adata):
             return super()._validate_anndata(adata, copy_if_view=copy_if_view)
         self._check_new_data(adata)
-        setup = self.registry_[_SETUP_ARGS_KEY]
+        setup = self._setup
         proxy = stand_in(adata, setup)
         if self.adata_manager is None:  # loaded without data: replay the saved setup
             cls = type(self)
             method = self.registry_.get("setup_method_name", "setup_anndata")
-            getattr(cls, method)(proxy, source_registry=self.registry_, **setup)
+            getattr(cls, method)(proxy, source_registry=self.registry_, **setup.args)
             manager = cls._get_most_recent_anndata_manager(proxy, required=True)
             cls._setup_adata_manager_store.pop(manager.adata_uuid, None)
         else:
@@ -503,27 +507,22 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     def _check_new_data(self, adata) -> None:
         """Clear errors for data that does not match the model (genes, columns, categories)."""
-        setup = self.registry_[_SETUP_ARGS_KEY]
+        setup = self._setup
         check_data_kind(adata, setup)
-        mods = setup.get("modalities") or {}
-        genes_source = adata.mod[mods["rna_layer"]] if mods else adata
+        genes_source = setup.expression_data(adata)
         if genes_source.n_obs == 0:
             raise ValueError("adata has no cells.")
-        expected = self.get_var_names()
-        if isinstance(expected, dict):  # MuData: the genes of each modality
-            expected = expected[mods["rna_layer"]]
-        check_genes(genes_source.var_names, expected)
+        check_genes(genes_source.var_names, setup.genes(self.get_var_names()))
         check_expression(*self._registered_matrix(adata), counts=self.module.likelihood == "nb")
         if self.dose_key is not None:
-            where = (adata.mod[mods["dose_key"]] if mods.get("dose_key") else adata).obs
-            if self.dose_key not in where.columns:
+            if self.dose_key not in setup.obs(adata, "dose_key").columns:
                 raise KeyError(
                     f"Column {self.dose_key!r} (the model's dose_key) not found in adata.obs."
                 )
-        checks = [(self.treatment_key, mods.get("treatment_key"), TREATMENT_KEY)]
-        checks += [(key, mods.get("covariate_keys"), key) for key in self.covariate_keys]
-        for key, mod, registry_key in checks:
-            where = (adata.mod[mod] if mod else adata).obs
+        checks = [(self.treatment_key, "treatment_key", TREATMENT_KEY)]
+        checks += [(key, "covariate_keys", key) for key in self.covariate_keys]
+        for key, argument, registry_key in checks:
+            where = setup.obs(adata, argument)
             if key not in where.columns:
                 raise KeyError(f"Column {key!r} (used by the model) not found in adata.obs.")
             if registry_key == TREATMENT_KEY:
@@ -876,10 +875,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         return self._counterfactual_anndata(adata, rows, means, scales, treatment, dose, mode)
 
     def _counterfactual_anndata(self, adata, rows, means, scales, treatment, dose, mode):
-        setup = self.registry_[_SETUP_ARGS_KEY]
-        mods = setup.get("modalities") or {}
-        obs_source = adata.mod[mods["treatment_key"]] if mods.get("treatment_key") else adata
-        obs = obs_source.obs.iloc[rows].copy()
+        setup = self._setup
+        obs = setup.obs(adata, "treatment_key").iloc[rows].copy()
         obs = obs.loc[:, [c for c in obs.columns if not str(c).startswith("_scvi")]]
         obs[f"source_{self.treatment_key}"] = obs.get(self.treatment_key)
         obs[self.treatment_key] = pd.Categorical([str(treatment)] * len(obs))
@@ -888,8 +885,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             dose = 0.0 if is_control else 1.0
         if self.dose_key is not None:
             obs[self.dose_key] = dose
-        genes = adata.mod[mods["rna_layer"]] if mods else adata
-        result = ad.AnnData(X=means, obs=obs, var=pd.DataFrame(index=genes.var_names.copy()))
+        genes = setup.expression_data(adata).var_names
+        result = ad.AnnData(X=means, obs=obs, var=pd.DataFrame(index=genes.copy()))
         if scales is not None:  # counts per 10,000
             result.layers["normalized"] = scales
         result.uns["fcr_counterfactual"] = {

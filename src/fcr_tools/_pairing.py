@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 from scvi.data import AnnDataManager
-from scvi.data._utils import get_anndata_attribute
 from scvi.dataloaders import DataSplitter
 from scvi.dataloaders._samplers import BatchDistributedSampler
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
@@ -26,29 +25,27 @@ from ._constants import (
     TREATMENT_KEY,
     X_KEY,
 )
+from ._registration import RegisteredSetup
 from ._treatments import TreatmentEncoder
 
 
 def treatment_encoder(registry: dict) -> TreatmentEncoder:
     """The treatment encoder implied by a registry (treatment labels seen at setup)."""
     state = registry["field_registries"][TREATMENT_KEY]["state_registry"]
-    control = registry["setup_args"]["control_treatment"]
+    control = RegisteredSetup.from_registry(registry).control_treatment
     return TreatmentEncoder.from_labels(list(state["categorical_mapping"]), control)
 
 
 def registered_treatments(adata_manager: AnnDataManager) -> tuple[np.ndarray, np.ndarray]:
     """Treatment encoding (component indices, doses) of every registered cell."""
-    setup = adata_manager.registry["setup_args"]
+    setup = RegisteredSetup.from_registry(adata_manager.registry)
     state = adata_manager.get_state_registry(TREATMENT_KEY)
     codes = adata_manager.get_from_registry(TREATMENT_KEY).ravel().astype(int)
     labels = np.asarray(state.categorical_mapping, dtype=object)[codes]
-    dose_key = setup.get("dose_key")
+    dose_key = setup.dose_key
     doses = None
     if dose_key is not None:
-        mod = (setup.get("modalities") or {}).get("dose_key")
-        doses = np.asarray(
-            get_anndata_attribute(adata_manager.adata, "obs", dose_key, mod_key=mod)
-        )
+        doses = np.asarray(setup.column(adata_manager.adata, "dose_key"))
     encoder = treatment_encoder(adata_manager.registry)
     return encoder.encode(labels, doses, dose_column=dose_key)
 
@@ -63,7 +60,7 @@ def covariate_codes(adata_manager: AnnDataManager) -> np.ndarray:
 def control_mask(adata_manager: AnnDataManager) -> np.ndarray:
     """Boolean mask of the registered control cells."""
     state = adata_manager.get_state_registry(TREATMENT_KEY)
-    control = adata_manager.registry["setup_args"]["control_treatment"]
+    control = RegisteredSetup.from_registry(adata_manager.registry).control_treatment
     code = list(state.categorical_mapping).index(control)
     return adata_manager.get_from_registry(TREATMENT_KEY).ravel().astype(int) == code
 

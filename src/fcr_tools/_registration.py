@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -10,9 +13,101 @@ from scvi.data._constants import _SETUP_ARGS_KEY
 from scvi.data._utils import get_anndata_attribute
 
 from ._constants import COVARIATES_KEY, X_KEY
+from ._validation import as_key_list
 
 # stand-in registrations a model keeps (each holds a reference to its data)
 MAX_STAND_INS = 8
+
+
+@dataclass(frozen=True)
+class RegisteredSetup:
+    """Where a model reads its data from, answered from its registered setup arguments.
+
+    The one place that knows the two setups: after ``setup_anndata`` everything is read from
+    the AnnData (expression from ``layer``); after ``setup_mudata`` the expression is read from
+    one modality (``modalities["rna_layer"]``, layer ``rna_layer``) and each obs column from the
+    modality ``modalities`` maps its argument to, or from the MuData's own obs.
+
+    Parameters
+    ----------
+    args
+        The setup arguments, ``registry["setup_args"]`` (see :meth:`from_registry`).
+    """
+
+    args: Mapping
+
+    @classmethod
+    def from_registry(cls, registry: Mapping) -> RegisteredSetup:
+        """The setup recorded in a model's or a manager's registry."""
+        return cls(registry[_SETUP_ARGS_KEY])
+
+    @classmethod
+    def of(cls, setup: RegisteredSetup | Mapping) -> RegisteredSetup:
+        """``setup`` itself, or the setup of the setup arguments ``setup``."""
+        return setup if isinstance(setup, cls) else cls(setup)
+
+    @property
+    def treatment_key(self) -> str:
+        """The treatment column."""
+        return self.args["treatment_key"]
+
+    @property
+    def control_treatment(self) -> str:
+        """The label of control cells."""
+        return self.args["control_treatment"]
+
+    @property
+    def dose_key(self) -> str | None:
+        """The dose column, or ``None`` (dose 1 for every treated cell)."""
+        return self.args.get("dose_key")
+
+    @property
+    def covariate_keys(self) -> list[str]:
+        """The covariate columns."""
+        return as_key_list(self.args.get("covariate_keys"))
+
+    @property
+    def modalities(self) -> dict[str, str]:
+        """Setup argument -> modality, for a MuData setup (empty for an AnnData one)."""
+        return dict(self.args.get("modalities") or {})
+
+    @property
+    def expression_modality(self) -> str | None:
+        """The modality holding the expression for a MuData setup, else ``None``."""
+        return self.modalities.get("rna_layer")
+
+    @property
+    def is_mudata(self) -> bool:
+        """Whether the model was set up from a MuData."""
+        return self.expression_modality is not None
+
+    @property
+    def layer(self) -> str | None:
+        """The layer holding the expression (``None``: ``X``) for either setup method."""
+        return self.args.get("rna_layer") if self.is_mudata else self.args.get("layer")
+
+    def modality(self, argument: str) -> str | None:
+        """The modality whose obs holds the column(s) of ``argument`` (``"treatment_key"``,
+        ``"dose_key"``, ``"covariate_keys"``); ``None``: the data's own obs."""
+        return self.modalities.get(argument)
+
+    def expression_data(self, data) -> ad.AnnData:
+        """The AnnData of ``data`` (an AnnData or MuData of the setup's kind) with the genes."""
+        return data.mod[self.expression_modality] if self.is_mudata else data
+
+    def obs(self, data, argument: str) -> pd.DataFrame:
+        """The obs of ``data`` that holds the column(s) of ``argument``."""
+        mod = self.modality(argument)
+        return (data.mod[mod] if mod else data).obs
+
+    def column(self, data, argument: str, key: str | None = None):
+        """The values of the column of ``argument`` (or of its column ``key``) in ``data``."""
+        key = self.args[argument] if key is None else key
+        return get_anndata_attribute(data, "obs", key, mod_key=self.modality(argument))
+
+    def genes(self, var_names):
+        """The model's genes from ``model.get_var_names()`` (per modality for a MuData)."""
+        return var_names[self.expression_modality] if isinstance(var_names, dict) else var_names
 
 
 def check_genes(genes, expected) -> None:
@@ -51,25 +146,15 @@ def recode_covariates(manager: AnnDataManager) -> None:
         return
     state = manager.get_state_registry(COVARIATES_KEY)
     registered = manager.get_from_registry(COVARIATES_KEY)
-    mod = (manager.registry[_SETUP_ARGS_KEY].get("modalities") or {}).get("covariate_keys")
+    setup = RegisteredSetup.from_registry(manager.registry)
     for key in state.field_keys:
-        values = get_anndata_attribute(manager.adata, "obs", key, mod_key=mod)
+        values = setup.column(manager.adata, "covariate_keys", key)
         codes = pd.Categorical(np.asarray(values, dtype=object).ravel(), state.mappings[key]).codes
         if (codes >= 0).all() and not np.array_equal(registered[key].to_numpy(), codes):
             registered[key] = codes
 
 
-def expression_modality(setup: dict) -> str | None:
-    """The modality holding the expression for a ``setup_mudata`` setup, else ``None``."""
-    return (setup.get("modalities") or {}).get("rna_layer")
-
-
-def registered_layer(setup: dict) -> str | None:
-    """The layer holding the expression (``None``: ``X``) for either setup method."""
-    return setup.get("rna_layer") if expression_modality(setup) else setup.get("layer")
-
-
-def check_data_kind(adata, setup: dict) -> None:
+def check_data_kind(adata, setup: RegisteredSetup | Mapping) -> None:
     """Fail unless ``adata`` is the kind of object (AnnData / MuData) the model was set up from.
 
     Parameters
@@ -77,7 +162,7 @@ def check_data_kind(adata, setup: dict) -> None:
     adata
         The AnnData or MuData a model is applied to.
     setup
-        The model's registered setup arguments.
+        The model's registered setup (or its setup arguments).
 
     Raises
     ------
@@ -85,7 +170,7 @@ def check_data_kind(adata, setup: dict) -> None:
         For an AnnData given to a model set up from a MuData, a MuData given to a model set up
         from an AnnData, or a MuData without the model's expression modality.
     """
-    modality = expression_modality(setup)
+    modality = RegisteredSetup.of(setup).expression_modality
     is_mudata = hasattr(adata, "mod")
     if modality is not None and not is_mudata:
         raise ValueError(
@@ -105,7 +190,7 @@ def check_data_kind(adata, setup: dict) -> None:
         )
 
 
-def stand_in(adata, setup: dict):
+def stand_in(adata, setup: RegisteredSetup | Mapping):
     """A new AnnData / MuData with ``adata``'s arrays (shared, not copied) and copies of its obs.
 
     scvi-tools writes its registry (``_scvi_*`` obs columns, obsm and uns entries) into data a
@@ -117,14 +202,15 @@ def stand_in(adata, setup: dict):
     adata
         The AnnData or MuData to stand in for, of the kind the model was set up from.
     setup
-        The model's registered setup arguments (its expression layer and modalities).
+        The model's registered setup (or its setup arguments).
     """
+    setup = RegisteredSetup.of(setup)
     check_data_kind(adata, setup)
-    layer = registered_layer(setup)
+    layer = setup.layer
     if hasattr(adata, "mod"):  # MuData
         import mudata
 
-        rna = expression_modality(setup)
+        rna = setup.expression_modality
         parts = {
             name: _stand_in_anndata(mod, layer if name == rna else None)
             for name, mod in adata.mod.items()

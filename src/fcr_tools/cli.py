@@ -188,10 +188,11 @@ def _predict(args: argparse.Namespace) -> int:
     import scvi
 
     from ._model import FCRModel
+    from ._registration import RegisteredSetup
 
     scvi.settings.seed = args.seed  # the draws of --mode sample
     model = FCRModel.load(str(model_dir), accelerator=args.accelerator)
-    from_mudata = model.registry_.get("setup_method_name") == "setup_mudata"
+    from_mudata = RegisteredSetup.from_registry(model.registry_).is_mudata
     if from_mudata != hasattr(data, "mod"):
         wanted = (
             "an .h5mu file with its expression modality"

@@ -11,6 +11,7 @@ import torch
 
 from .._constants import COVARIATES_KEY, TREATMENT_KEY
 from .._pairing import control_mask, covariate_codes
+from .._registration import RegisteredSetup
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -265,8 +266,6 @@ def _rms(diff: np.ndarray) -> np.ndarray:
 
 
 def _gene_names(model: FCRModel) -> np.ndarray:
-    names = model.get_var_names()
-    if isinstance(names, dict):  # MuData: the genes of the expression modality
-        modalities = model.registry_["setup_args"].get("modalities") or {}
-        names = names[modalities["rna_layer"]]
+    # for a MuData, the genes of the expression modality
+    names = RegisteredSetup.from_registry(model.registry_).genes(model.get_var_names())
     return np.asarray(names, dtype=object)
