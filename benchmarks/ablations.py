@@ -134,6 +134,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="trainings run in parallel")
     parser.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     parser.add_argument("--tasks", nargs="+", default=TASK_NAMES, choices=TASK_NAMES)
+    parser.add_argument("--name", default="ablations", help="result file name")
     args = parser.parse_args(argv)
     seeds = range(1) if args.quick else range(args.seeds)
     jobs = [(t, c, s) for t in args.tasks for s in seeds for c in CONFIGS]
@@ -146,8 +147,10 @@ def main(argv=None):
     flags = " --quick" * args.quick + (f" --seeds {args.seeds}" if args.seeds != 2 else "")
     if args.tasks != TASK_NAMES:
         flags += " --tasks " + " ".join(f"'{t}'" for t in args.tasks)
+    if args.name != "ablations":
+        flags += f" --name {args.name}"
     write_results(
-        "ablations" + ("_quick" if args.quick else ""),
+        args.name + ("_quick" if args.quick else ""),
         "python benchmarks/ablations.py" + flags,
         {
             "title": "Ablations: what each model choice buys on held-out pairs",
