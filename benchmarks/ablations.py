@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import mean_sd, write_results
+from prediction import SCREEN as SIM_SCREEN  # the simulated benchmark of prediction.py
 
 SCORES = ["r2_deg20", "pearson_delta_deg20", "r2_all"]
 OLD = {"posterior": "free", "interaction_context": "shared", "decoder": "mlp"}
@@ -50,17 +51,6 @@ CONFIGS = {
         {**NEW, "treatment_prior": "linear", "dose_response": "hill"},
         ["abduction"],
     ),
-}
-SIM_SCREEN = {
-    "n_cell_lines": 4,
-    "n_treatments": 6,
-    "doses": (0.1, 0.3, 1.0),
-    "n_cells_per_condition": 60,
-    "n_genes": 200,
-    "n_latent_x": 4,
-    "n_latent_t": 4,
-    "n_latent_tx": 4,
-    "n_holdout_pairs": 4,
 }
 
 

@@ -42,6 +42,18 @@ SCORES = ["mcc_tx", "r2_x", "r2_t", "r2_tx", "leak_x_to_t", "leak_t_to_x"]
 USAGE = ["active_x", "active_t", "active_tx"]
 SUPERVISED = "supervised reference (shown the true latents)"
 
+# simulate_screen's defaults, written out (also identifiability_curve.py's base screen)
+SCREEN = {
+    "n_cell_lines": 4,
+    "n_treatments": 6,
+    "doses": (0.1, 0.3, 1.0),
+    "n_cells_per_condition": 50,
+    "n_genes": 100,
+    "n_latent_x": 4,
+    "n_latent_t": 4,
+    "n_latent_tx": 4,
+}
+
 
 def score_blocks(learned: dict[str, np.ndarray], adata) -> dict[str, float]:
     """Identifiability scores of learned blocks against the simulation's true latents."""
@@ -150,16 +162,7 @@ def main(argv=None):
     add_model_arguments(parser, "identifiability")
     args = parser.parse_args(argv)
 
-    screen = {  # simulate_screen's defaults, written out
-        "n_cell_lines": 4,
-        "n_treatments": 6,
-        "doses": (0.1, 0.3, 1.0),
-        "n_cells_per_condition": 50,
-        "n_genes": 100,
-        "n_latent_x": 4,
-        "n_latent_t": 4,
-        "n_latent_tx": 4,
-    }
+    screen = dict(SCREEN)
     sizes = [(2, 3), (3, 4), (4, 6), (6, 8)]
     seeds, epochs = range(args.seeds), args.epochs
     if args.quick:

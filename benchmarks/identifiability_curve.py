@@ -43,7 +43,14 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_model_arguments, mean_sd, model_flags, train_fcr, write_results
-from identifiability import BLOCKS, SETUP, SUPERVISED, score_blocks, supervised_reference
+from identifiability import (
+    BLOCKS,
+    SCREEN,
+    SETUP,
+    SUPERVISED,
+    score_blocks,
+    supervised_reference,
+)
 from identifiability_signal import rotation_cost, simulator_laws
 
 from fcr_tools.data import simulate_screen
@@ -51,16 +58,7 @@ from fcr_tools.metrics import mean_corr_coef
 
 NAME = "identifiability_curve"
 TARGET = 0.5  # nats per cell of rotation cost that a screen should reach
-BASE_SCREEN = {  # the identifiability benchmark's screen (simulate_screen's defaults)
-    "n_cell_lines": 4,
-    "n_treatments": 6,
-    "doses": (0.1, 0.3, 1.0),
-    "n_cells_per_condition": 50,
-    "n_genes": 100,
-    "n_latent_x": 4,
-    "n_latent_t": 4,
-    "n_latent_tx": 4,
-}
+BASE_SCREEN = SCREEN  # the identifiability benchmark's screen (simulate_screen's defaults)
 RANGES = [(0.3, 1.5), (0.2, 2.0), (0.1, 3.0), (0.05, 5.0)]  # the first is today's default
 SIZES = [(4, 6), (6, 8)]  # (cell lines, drugs); 3 doses each
 B_SCREENS = [  # overrides of BASE_SCREEN

@@ -41,6 +41,19 @@ PEER_ARGS = {"biolord": ["--preset", "default"], "cpa": []}
 SETUP = {"treatment_key": "drug", "dose_key": "dose", "covariate_keys": "cell_line"}
 SCORES = ["r2_all", "r2_deg20", "r2_deg50", "r2_delta", "pearson_delta_deg20", "energy_distance"]
 
+# the simulated screen of held-out pair prediction (also ablations.py's)
+SCREEN = {
+    "n_cell_lines": 4,
+    "n_treatments": 6,
+    "doses": (0.1, 0.3, 1.0),
+    "n_cells_per_condition": 60,
+    "n_genes": 200,
+    "n_latent_x": 4,
+    "n_latent_t": 4,
+    "n_latent_tx": 4,
+    "n_holdout_pairs": 4,
+}
+
 
 class Precomputed:
     """Predictions made elsewhere (a peer), answered like ``predict_counterfactual``."""
@@ -153,17 +166,7 @@ def main(argv=None):
     add_model_arguments(parser, "prediction")
     args = parser.parse_args(argv)
 
-    screen = {
-        "n_cell_lines": 4,
-        "n_treatments": 6,
-        "doses": (0.1, 0.3, 1.0),
-        "n_cells_per_condition": 60,
-        "n_genes": 200,
-        "n_latent_x": 4,
-        "n_latent_t": 4,
-        "n_latent_tx": 4,
-        "n_holdout_pairs": 4,
-    }
+    screen = dict(SCREEN)
     epochs = {"fcr": 150, "biolord": 200, "cpa": 200}
     seeds = range(args.seeds)
     if args.quick:
