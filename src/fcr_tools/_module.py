@@ -67,6 +67,13 @@ class FCRLossOutput(LossOutput):
     partner_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _check_choice(name: str, value, options: tuple[str, ...]) -> None:
+    """``ValueError`` naming the argument, its allowed values and the value given."""
+    if value not in options:
+        allowed = ", ".join(f"'{o}'" for o in options[:-1]) + f" or '{options[-1]}'"
+        raise ValueError(f"{name} must be {allowed}, not {value!r}.")
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1)
@@ -167,29 +174,19 @@ class FCRModule(BaseModuleClass):
         treated_categories: Sequence[Sequence[bool]] | None = None,
     ):
         super().__init__()
-        if interaction_context not in ("shared", "centred"):
-            raise ValueError(
-                f"interaction_context must be 'shared' or 'centred', not {interaction_context!r}."
-            )
+        for name, value, options in [
+            ("interaction_context", interaction_context, ("shared", "centred")),
+            ("treatment_prior", treatment_prior, ("mlp", "linear")),
+            ("dose_response", dose_response, ("linear", "hill")),
+            ("decoder", decoder, ("skip", "mlp", "additive")),
+            ("posterior", posterior, ("free", "residual")),
+            ("likelihood", likelihood, ("gaussian", "nb")),
+            ("interaction_prior", interaction_prior, ("mlp", "linear")),
+        ]:
+            _check_choice(name, value, options)
         self.interaction_context = interaction_context
-        if treatment_prior not in ("mlp", "linear"):
-            raise ValueError(
-                f"treatment_prior must be 'mlp' or 'linear', not {treatment_prior!r}."
-            )
-        if dose_response not in ("linear", "hill"):
-            raise ValueError(f"dose_response must be 'linear' or 'hill', not {dose_response!r}.")
-        if decoder not in ("mlp", "additive", "skip"):
-            raise ValueError(f"decoder must be 'skip', 'mlp' or 'additive', not {decoder!r}.")
         self.decoder_kind = decoder
-        if posterior not in ("free", "residual"):
-            raise ValueError(f"posterior must be 'free' or 'residual', not {posterior!r}.")
         self.posterior = posterior
-        if likelihood not in ("gaussian", "nb"):
-            raise ValueError(f"likelihood must be 'gaussian' or 'nb', not {likelihood!r}.")
-        if interaction_prior not in ("mlp", "linear"):
-            raise ValueError(
-                f"interaction_prior must be 'mlp' or 'linear', not {interaction_prior!r}."
-            )
         self.interaction_prior = interaction_prior
         self.likelihood = likelihood
         self.n_input = n_input
@@ -590,8 +587,8 @@ class FCRModule(BaseModuleClass):
         elif mode == "sample":
             z_t = z_t + prior["t"][1].sqrt() * torch.randn_like(z_t)
             z_tx = z_tx + prior["tx"][1].sqrt() * torch.randn_like(z_tx)
-        elif mode != "prior":
-            raise ValueError(f"mode must be 'prior', 'sample' or 'abduction', not {mode!r}.")
+        else:
+            _check_choice("mode", mode, ("prior", "sample", "abduction"))
         return {"x": out["qz_x"].loc, "t": z_t, "tx": z_tx}
 
     @torch.inference_mode()
