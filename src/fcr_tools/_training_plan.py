@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 from contextlib import contextmanager
 from functools import partial
 
-import numpy as np
 import torch
 from scvi.train import TrainingPlan
 
 from ._module import FCRModule
+from ._objective import LossWeights, with_loss_weights
 
 _ADVICE = (
     "Try a lower learning rate (plan_kwargs={'lr': ...}), gradient clipping "
@@ -19,43 +18,8 @@ _ADVICE = (
     "data match the likelihood (log-normalised for 'gaussian', raw counts for 'nb')."
 )
 
-LOSS_WEIGHTS = (
-    "reconstruction_weight",
-    "control_weight",
-    "aggregate_kl_weight",
-    "covariate_classifier_weight",
-    "treatment_classifier_weight",
-    "similarity_weight",
-    "adversarial_weight",
-)
 
-
-def _checked_weight(name: str, value) -> float:
-    """A loss weight as a float: any finite real number >= 0 (numpy scalars too), not a bool.
-
-    Parameters
-    ----------
-    name
-        The weight's argument name, for the error message.
-    value
-        The weight given.
-
-    Returns
-    -------
-    float
-        ``value`` as a Python float.
-
-    Raises
-    ------
-    ValueError
-        For a bool, a non-number, a complex number, NaN, an infinite or a negative value.
-    """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-    if not (ok and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}.")
-    return float(value)
-
-
+@with_loss_weights
 class FCRTrainingPlan(TrainingPlan):
     """Lightning module that trains an :class:`~fcr_tools.FCRModule`.
 
@@ -76,10 +40,10 @@ class FCRTrainingPlan(TrainingPlan):
     - ``elbo_partner``, ``reconstruction_loss_partner``, ``kl_local_partner``: the same for
       the control partners, unweighted (the objective adds ``control_weight`` times them);
       not logged when ``control_weight`` is 0.
-    - ``nll_cell``, ``kl_cell``, ``aggregate_kl``, ``covariate_ce``, ``treatment_ce``,
-      ``similarity``, ``adversarial``: each term of the objective, unweighted (``nll_cell``
-      and ``kl_cell`` equal ``reconstruction_loss`` and ``kl_local``); a term with weight 0
-      is not logged.
+    - ``nll_cell``, ``kl_cell`` and the metrics named under each weight below
+      (``aggregate_kl``, ``covariate_ce``, ..., ``adversarial``): each term of the objective,
+      unweighted (``nll_cell`` and ``kl_cell`` equal ``reconstruction_loss`` and
+      ``kl_local``); a term with weight 0 is not logged.
     - ``discriminator_accuracy`` (0.5: the discriminators are fooled) and
       ``discriminator_loss_train``, the discriminators' own loss (training only).
 
@@ -111,20 +75,7 @@ class FCRTrainingPlan(TrainingPlan):
     n_epochs_kl_warmup, n_steps_kl_warmup, max_kl_weight, min_kl_weight
         KL warm-up as in :class:`scvi.train.TrainingPlan`; ``max_kl_weight`` is the weight of
         the KL terms.
-    reconstruction_weight
-        Weight of the reconstruction negative log-likelihood.
-    control_weight
-        Weight of the control partner's reconstruction and KL, relative to the cell's.
-    aggregate_kl_weight
-        Weight of the per-condition (moment-matched) KL.
-    covariate_classifier_weight
-        Weight of the covariate classifiers on z_x.
-    treatment_classifier_weight
-        Weight of the treatment classifier on (z_t, z_tx).
-    similarity_weight
-        Weight of the similarity term cos(z_t, z_t0) - cos(z_x, z_x0).
-    adversarial_weight
-        Weight of the encoder's loss against the permutation discriminators.
+    {loss weights}
     **kwargs
         Other :class:`scvi.train.TrainingPlan` arguments.
 
@@ -153,17 +104,10 @@ class FCRTrainingPlan(TrainingPlan):
         n_steps_kl_warmup: int | None = None,
         max_kl_weight: float = 1.0,
         min_kl_weight: float = 0.0,
-        reconstruction_weight: float = 1.0,
-        control_weight: float = 1.0,
-        aggregate_kl_weight: float = 1.0,
-        covariate_classifier_weight: float = 1.0,
-        treatment_classifier_weight: float = 1.0,
-        similarity_weight: float = 1.0,
-        adversarial_weight: float = 1.0,
         **kwargs,
     ):
-        given = {name: value for name, value in locals().items() if name in LOSS_WEIGHTS}
-        weights = {name: _checked_weight(name, value) for name, value in given.items()}
+        # the weights arrive in kwargs; the signature names them (see with_loss_weights)
+        weights = LossWeights.pop_from(kwargs)
         if n_discriminator_steps < 0:
             raise ValueError("n_discriminator_steps must be >= 0.")
         if max_loss_ratio is not None and not max_loss_ratio > 1:
@@ -181,7 +125,7 @@ class FCRTrainingPlan(TrainingPlan):
             n_steps_kl_warmup=n_steps_kl_warmup,
             max_kl_weight=max_kl_weight,
             min_kl_weight=min_kl_weight,
-            **weights,
+            **weights.as_kwargs(),
             **kwargs,
         )
         self.discriminator_lr = discriminator_lr
