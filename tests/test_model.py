@@ -82,6 +82,29 @@ def test_logged_elbo_is_the_cells_own(trained_model):
         )
 
 
+def test_metrics_are_logged_once_per_epoch(adata, build_model, monkeypatch):
+    """Epoch means, logged at the epoch's end: no logging call per training step."""
+    from collections import Counter
+
+    from fcr_tools._training_plan import FCRTrainingPlan
+
+    names = []
+    log = FCRTrainingPlan.log
+
+    def counting_log(self, name, *args, **kwargs):
+        names.append(name)
+        return log(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(FCRTrainingPlan, "log", counting_log)
+    model = build_model(adata, train={"max_epochs": 3, "batch_size": 16})
+    assert model.trainer.num_training_batches > 3  # several steps per epoch
+    assert set(Counter(names).values()) == {3}  # every name once per epoch
+    assert {"kl_weight", "train_loss", "elbo_train", "elbo_validation"} <= set(names)
+    assert _history(model, "kl_weight").tolist() == pytest.approx([0.0, 0.1, 0.2])
+    with pytest.raises(ValueError, match="on_step=True is not supported"):
+        model.train(max_epochs=1, plan_kwargs={"on_step": True})
+
+
 def test_partner_metrics_follow_control_weight(adata, build_model):
     model = build_model(adata, train={"plan_kwargs": {"control_weight": 0.0}})
     assert "elbo_train" in model.history
