@@ -153,6 +153,7 @@ def latent_umaps(
 
     Examples
     --------
+    >>> import fcr_tools
     >>> model.write_latents(adata)
     >>> fcr_tools.tl.block_umap(adata)
     >>> fig = fcr_tools.pl.latent_umaps(adata, color=["cell_line", "drug"], show=False)
