@@ -136,7 +136,7 @@ def server(tmp_path, monkeypatch):
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     port = httpd.server_address[1]
     yield served, (lambda name: f"http://127.0.0.1:{port}/{name}"), requests_made
