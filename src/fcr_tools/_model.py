@@ -159,13 +159,15 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
     --------
     >>> from fcr_tools import FCRModel
     >>> from fcr_tools.data import simulate_screen
-    >>> adata = simulate_screen(n_cells_per_condition=10, n_genes=30)
+    >>> adata = simulate_screen(n_cell_lines=2, n_treatments=2, n_cells_per_condition=10)
     >>> FCRModel.setup_anndata(
     ...     adata, treatment_key="drug", dose_key="dose", covariate_keys="cell_line"
     ... )
     >>> model = FCRModel(adata, n_latent_x=4, n_latent_t=4, n_latent_tx=4)
-    >>> model.train(max_epochs=1)  # doctest: +SKIP
-    >>> model.write_latents()  # doctest: +SKIP
+    >>> model.train(max_epochs=1, enable_progress_bar=False)
+    >>> model.write_latents()
+    >>> adata.obsm["X_fcr_tx"].shape
+    (180, 4)
     """
 
     _module_cls = FCRModule
@@ -642,7 +644,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> model.save("fcr_model", overwrite=True)  # doctest: +SKIP
+        >>> import os
+        >>> model.save("fcr_model", overwrite=True)
+        >>> os.listdir("fcr_model")
+        ['model.pt']
         """
         self.fcr_version_ = version_info()
         super().save(dir_path, prefix=prefix, overwrite=overwrite, **kwargs)
@@ -682,7 +687,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> model = FCRModel.load("fcr_model", adata=adata)  # doctest: +SKIP
+        >>> model.save("fcr_model", overwrite=True)
+        >>> model = FCRModel.load("fcr_model", adata=adata)
         """
         info, saved = None, None
         if backup_url is None:
@@ -751,7 +757,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> z_tx = model.get_latent_representation(block="tx")  # doctest: +SKIP
+        >>> z_tx = model.get_latent_representation(block="tx")
+        >>> z_tx.shape == (adata.n_obs, model.module.n_latent["tx"])
+        True
         """
         blocks = _selected_blocks(block)
         parts = []
@@ -900,8 +908,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> model.write_latents()  # doctest: +SKIP
-        >>> sc.pp.neighbors(adata, use_rep="X_fcr_t")  # doctest: +SKIP
+        >>> import scanpy as sc
+        >>> model.write_latents()
+        >>> sc.pp.neighbors(adata, use_rep="X_fcr_t")
         """
         target = self.adata if adata is None else adata
         latent = self.get_latent_representation(
@@ -960,10 +969,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> controls = adata[adata.obs["drug"] == "control"].copy()  # doctest: +SKIP
-        >>> pred = model.predict_counterfactual(
-        ...     controls, treatment="drug_1", dose=1.0
-        ... )  # doctest: +SKIP
+        >>> controls = adata[adata.obs["drug"] == "control"].copy()
+        >>> pred = model.predict_counterfactual(controls, treatment="drug_1", dose=1.0)
+        >>> pred.shape == controls.shape, pred.obs["drug"].unique().tolist()
+        (True, ['drug_1'])
         """
         if treatment is None:
             raise ValueError("treatment is required: the target treatment label.")

@@ -75,10 +75,12 @@ def history(
     --------
     >>> import fcr_tools
     >>> model.train(max_epochs=20)  # doctest: +SKIP
-    >>> fig = fcr_tools.pl.history(model)  # doctest: +SKIP
+    >>> fig = fcr_tools.pl.history(model, show=False)
     >>> fig = fcr_tools.pl.history(
     ...     model, keys=["loss", "discriminator_accuracy"], save="history.png"
-    ... )  # doctest: +SKIP
+    ... )
+    >>> [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    ['loss', 'discriminator accuracy']
     """
     hist = model if isinstance(model, Mapping) else getattr(model, "history", None)
     if not hist:

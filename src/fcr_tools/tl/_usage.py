@@ -54,8 +54,11 @@ def latent_usage(
 
     Examples
     --------
-    >>> usage = fcr_tools.tl.latent_usage(model)  # doctest: +SKIP
-    >>> usage.groupby("block")["active"].sum()  # active dimensions per block  # doctest: +SKIP
+    >>> import fcr_tools
+    >>> usage = fcr_tools.tl.latent_usage(model)
+    >>> active = usage.groupby("block", sort=False)["active"].sum()  # active dims per block
+    >>> active.index.tolist(), len(usage) == sum(model.module.n_latent.values())
+    (['x', 't', 'tx'], True)
     """
     if not np.isfinite(active_threshold) or active_threshold < 0:
         raise ValueError(f"active_threshold must be a finite number >= 0, not {active_threshold}.")
