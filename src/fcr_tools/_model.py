@@ -816,9 +816,13 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> for out in model.inference_batches(adata):  # doctest: +SKIP
-        ...     z_t = out["qz_t"].loc
-        ...     expression = model.decode(model.counterfactual_latents(out, "drug_1"), out)
+        >>> for out in model.inference_batches(adata, batch_size=100):
+        ...     z_t = out["qz_t"].loc  # posterior means of z_t
+        ...     blocks = model.counterfactual_latents(out, "drug_1", dose=0.3)
+        ...     expression = model.decode(blocks, out)["mean"]
+        ...     print(len(out["indices"]), tuple(expression.shape))
+        100 (100, 30)
+        92 (92, 30)
         """
         adata = self._validate_anndata(adata)
         self.module.eval()
@@ -1030,10 +1034,23 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
+        >>> controls = adata[adata.obs["drug"] == "control"]
+        >>> grid = model.predict_grid(controls, treatment=["drug_1", "drug_2"], dose=[0.3, 1.0])
+        >>> grid.n_obs == 4 * controls.n_obs
+        True
         >>> means = model.predict_grid(
-        ...     controls, treatment=["drug_1", "drug_2"], dose=[0.1, 1.0], aggregate="mean"
-        ... )  # doctest: +SKIP
-        >>> means.obs[["cell_line", "drug", "dose"]]  # doctest: +SKIP
+        ...     controls, treatment=["drug_1", "drug_2"], dose=[0.3, 1.0], aggregate="mean"
+        ... )
+        >>> means.obs[["cell_line", "drug", "dose", "n_cells"]]
+                         cell_line    drug  dose  n_cells
+        cell_line_0-0  cell_line_0  drug_1   0.3       24
+        cell_line_1-0  cell_line_1  drug_1   0.3       24
+        cell_line_0-1  cell_line_0  drug_1   1.0       24
+        cell_line_1-1  cell_line_1  drug_1   1.0       24
+        cell_line_0-2  cell_line_0  drug_2   0.3       24
+        cell_line_1-2  cell_line_1  drug_2   0.3       24
+        cell_line_0-3  cell_line_0  drug_2   1.0       24
+        cell_line_1-3  cell_line_1  drug_2   1.0       24
         """
         if aggregate not in ("cells", "mean"):
             raise ValueError(f"aggregate must be 'cells' or 'mean', not {aggregate!r}.")
