@@ -162,6 +162,10 @@ def test_block_umap_writes_only_the_coordinates(adata):
     adata.obsm["X_mine_t"] = rng.normal(size=(adata.n_obs, 2))
     fcr_tools.tl.block_umap(adata, blocks="t", prefix="X_mine", n_neighbors=5)
     assert adata.obsm["X_umap_mine_t"].shape == (adata.n_obs, 2)
+    # fewer optimisation epochs: another (coarser) embedding of the same graph
+    fcr_tools.tl.block_umap(adata, blocks="t", prefix="X_mine", n_neighbors=5, maxiter=5)
+    short = adata.obsm["X_umap_mine_t"]
+    assert short.shape == (adata.n_obs, 2) and np.isfinite(short).all()
 
 
 def test_block_umap_errors(adata):
@@ -173,3 +177,5 @@ def test_block_umap_errors(adata):
         fcr_tools.tl.block_umap(adata, blocks=[])
     with pytest.raises(ValueError, match="at least 2 cells"):
         fcr_tools.tl.block_umap(adata[:1].copy(), blocks="x")
+    with pytest.raises(ValueError, match="maxiter must be >= 1"):
+        fcr_tools.tl.block_umap(adata, blocks="x", maxiter=0)

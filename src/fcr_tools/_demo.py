@@ -32,8 +32,9 @@ DEMO_SETTINGS = {
             n_holdout_pairs=4,
         ),
         "model": dict(n_latent_x=8, n_latent_t=8, n_latent_tx=8),
-        "max_epochs": 150,
+        "max_epochs": 100,
         "min_cells": 30,
+        "umap_maxiter": 200,
     },
     "quick": {
         "screen": dict(
@@ -50,6 +51,7 @@ DEMO_SETTINGS = {
         "model": dict(n_latent_x=4, n_latent_t=4, n_latent_tx=4, n_hidden=64),
         "max_epochs": 20,
         "min_cells": 30,
+        "umap_maxiter": 100,
     },
 }
 
@@ -120,7 +122,7 @@ def run_demo(
 
     # latents of every cell, held-out pairs included
     model.write_latents(adata)
-    block_umap(adata)
+    block_umap(adata, maxiter=settings["umap_maxiter"])
     latent_umaps(adata, color=["cell_line", "drug"], save=str(out / "umap_latents.png"))
     mcc = {
         block: mean_corr_coef(adata.obsm[f"X_fcr_{block}"], adata.obsm[f"z_{block}_true"])
