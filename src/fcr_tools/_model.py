@@ -13,8 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 from scvi.data import AnnDataManager
-from scvi.data._constants import _SCVI_UUID_KEY
-from scvi.data._utils import get_anndata_attribute
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
@@ -48,6 +46,14 @@ from ._saving import (
     loadable_save,
     read_saved_model,
     version_info,
+)
+from ._scvi_compat import (
+    data_uuid,
+    forget_instance_manager,
+    forget_setup_manager,
+    instance_manager,
+    obs_column,
+    setup_method_name,
 )
 from ._training_plan import FCRTrainingPlan
 from ._treatments import TreatmentEncoder
@@ -382,7 +388,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         def get_column(key):
             mod = cov_mod if key in covariates else mods.treatment_key
-            return get_anndata_attribute(mdata, "obs", key, mod_key=mod)
+            return obs_column(mdata, key, mod_key=mod)
 
         def columns_of(mod):
             return list((mdata.mod[mod] if mod else mdata).obs.columns)
@@ -483,10 +489,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         proxy = stand_in(adata, setup)
         if self.adata_manager is None:  # loaded without data: replay the saved setup
             cls = type(self)
-            method = self.registry_.get("setup_method_name", "setup_anndata")
+            method = setup_method_name(self.registry_)
             getattr(cls, method)(proxy, source_registry=self.registry_, **setup.args)
             manager = cls._get_most_recent_anndata_manager(proxy, required=True)
-            cls._setup_adata_manager_store.pop(manager.adata_uuid, None)
+            forget_setup_manager(cls, manager.adata_uuid)
         else:
             manager = self.adata_manager.transfer_fields(proxy)
             recode_covariates(manager)
@@ -496,13 +502,12 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             self._stand_ins = deque()
         self._stand_ins.append(manager.adata_uuid)
         while len(self._stand_ins) > MAX_STAND_INS:
-            self._per_instance_manager_store[self.id].pop(self._stand_ins.popleft(), None)
+            forget_instance_manager(self, self._stand_ins.popleft())
         return proxy
 
     def _is_registered(self, adata) -> bool:
         """Whether this very object is registered with this model (without writing to it)."""
-        uuid = adata.uns.get(_SCVI_UUID_KEY)
-        manager = self._per_instance_manager_store.get(self.id, {}).get(uuid)
+        manager = instance_manager(self, data_uuid(adata))
         return manager is not None and manager.adata is adata
 
     def _check_new_data(self, adata) -> None:

@@ -20,8 +20,15 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
-from scvi.data._constants import _MODEL_NAME_KEY
+from ._scvi_compat import (
+    MODEL_FILE,
+    add_init_arguments,
+    read_model_file,
+    saved_data_file,
+    saved_init_arguments,
+    saved_model_name,
+    write_model_file,
+)
 
 # 1.1: the interaction prior became a model argument (default "linear"); models saved before
 # it have the one-hidden-layer MLP prior.
@@ -130,7 +137,7 @@ def read_saved_model(
     path = os.fspath(dir_path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No saved model at {path!r}: the directory does not exist.")
-    model_file = os.path.join(path, f"{prefix or ''}model.pt")
+    model_file = os.path.join(path, f"{prefix or ''}{MODEL_FILE}")
     if not os.path.isfile(model_file):
         present = sorted(os.listdir(path))
         raise FileNotFoundError(
@@ -138,7 +145,7 @@ def read_saved_model(
             f"{present[:10]}). Save one with model.save({path!r})."
         )
     try:
-        saved = torch.load(model_file, map_location="cpu", weights_only=False)
+        saved = read_model_file(model_file)
     except Exception as err:  # truncated zip, garbage bytes, pickle errors ...
         raise ValueError(
             f"Could not read the saved model {model_file!r}: the file is truncated or corrupt "
@@ -154,7 +161,7 @@ def read_saved_model(
             f"{model_file!r} is not a model saved by scvi-tools' model.save (keys: "
             f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__})."
         )
-    name = attrs["registry_"].get(_MODEL_NAME_KEY)
+    name = saved_model_name(attrs["registry_"])
     if name is not None and name not in model_names:
         raise ValueError(
             f"{model_file!r} holds a {name} model, not an {model_names[0]}: load it with "
@@ -199,18 +206,12 @@ def check_saved_model(
 
 def saved_data_path(dir_path, prefix: str | None, registry: dict) -> str:
     """Where ``model.save(..., save_anndata=True)`` writes the data of a model (its registry)."""
-    setup_method = registry.get("setup_method_name", "setup_anndata")
-    data_file = "mdata.h5mu" if setup_method == "setup_mudata" else "adata.h5ad"
-    return os.path.join(os.fspath(dir_path), f"{prefix or ''}{data_file}")
+    return os.path.join(os.fspath(dir_path), f"{prefix or ''}{saved_data_file(registry)}")
 
 
 def saved_arguments(saved: dict) -> dict:
     """The ``__init__`` arguments in the contents of a saved model."""
-    init = saved["attr_dict"].get("init_params_") or {}
-    if "non_kwargs" not in init:  # scvi-tools' older, flat record
-        return {name: value for name, value in init.items() if not isinstance(value, dict)}
-    kwargs = {k: v for group in init.get("kwargs", {}).values() for k, v in group.items()}
-    return {**init["non_kwargs"], **kwargs}
+    return saved_init_arguments(saved["attr_dict"].get("init_params_"))
 
 
 def legacy_model_arguments(saved_arguments: dict) -> dict:
@@ -234,10 +235,7 @@ def with_arguments_before(saved: dict) -> dict | None:
     missing = legacy_model_arguments(saved_arguments(saved))
     if not missing:
         return None
-    if "non_kwargs" in init:
-        init = {**init, "non_kwargs": {**init["non_kwargs"], **missing}}
-    else:
-        init = {**init, **missing}
+    init = add_init_arguments(init, missing)
     return {**saved, "attr_dict": {**attrs, "init_params_": init}}
 
 
@@ -260,7 +258,7 @@ def loadable_save(dir_path, prefix: str | None, saved: dict, adata) -> Iterator[
         if os.path.exists(data_path):
             adata = _read_data(data_path)
     with tempfile.TemporaryDirectory(prefix="fcr_tools_load_") as scratch:
-        torch.save(converted, os.path.join(scratch, "model.pt"))
+        write_model_file(converted, os.path.join(scratch, MODEL_FILE))
         yield scratch, None, adata
 
 

@@ -11,6 +11,7 @@ import torch
 from scvi.train import TrainingPlan
 
 from ._module import FCRModule
+from ._scvi_compat import log_metrics_without_inference_mode
 
 _ADVICE = (
     "Try a lower learning rate (plan_kwargs={'lr': ...}), gradient clipping "
@@ -266,7 +267,7 @@ class FCRTrainingPlan(TrainingPlan):
         processes.
         """
         with torch.no_grad():
-            TrainingPlan.compute_and_log_metrics.__wrapped__(self, loss_output, metrics, mode)
+            log_metrics_without_inference_mode(self, loss_output, metrics, mode)
             for key, value in getattr(loss_output, "partner_metrics", {}).items():
                 self.log(
                     f"{key}_{mode}",
