@@ -57,7 +57,7 @@ from ._scvi_compat import (
 )
 from ._training_plan import FCRTrainingPlan
 from ._treatments import TreatmentEncoder
-from ._validation import as_key_list, check_expression, check_setup_columns
+from ._validation import as_key_list, check_expression, check_setup_columns, layer_names
 
 Block = Literal["x", "t", "tx", "all"]
 
@@ -79,7 +79,7 @@ def _data_matrix(adata, layer: str | None, modality: str | None = None):
     if layer is None:
         return adata.X, "adata.X" if modality is None else f"mdata[{modality!r}].X"
     if layer not in adata.layers:
-        raise KeyError(f"layer={layer!r} not found in adata.layers ({list(adata.layers)}).")
+        raise KeyError(f"layer={layer!r} not found in adata.layers ({layer_names(adata)}).")
     name = f"adata.layers[{layer!r}]" if modality is None else f"mdata[{modality!r}].layers"
     return adata.layers[layer], name
 
