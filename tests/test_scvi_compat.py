@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mudata
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scvi.data._utils import get_anndata_attribute
@@ -203,3 +204,25 @@ def test_flat_init_record_of_old_scvi_tools():
         "a": 2,
     }
     assert compat.saved_init_arguments(None) == {}
+
+
+def test_portable_history_has_object_labels():
+    table = pd.DataFrame({"elbo_train": [1.0, 0.5]}, index=pd.Index([0, 1], name="epoch"))
+    table.columns = table.columns.astype("string")  # pandas 3's default for labels
+    history = {"elbo_train": table, "other": None}
+    portable = compat.portable_history(history)
+    assert portable["elbo_train"].columns.dtype == object
+    assert portable["elbo_train"].index.dtype == np.int64
+    pd.testing.assert_frame_equal(portable["elbo_train"], table, check_column_type=False)
+    assert isinstance(history["elbo_train"].columns.dtype, pd.StringDtype)  # not changed
+    assert portable["other"] is None
+    assert compat.portable_history(None) is None
+
+
+def test_saving_keeps_the_models_history(trained_model, tmp_path):
+    history = trained_model.history_
+    trained_model.save(tmp_path / "m")
+    assert trained_model.history_ is history
+    saved = compat.read_model_file(tmp_path / "m" / compat.MODEL_FILE)
+    for table in saved["attr_dict"]["history_"].values():
+        assert not isinstance(table.columns.dtype, pd.StringDtype)

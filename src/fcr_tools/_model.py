@@ -53,6 +53,7 @@ from ._scvi_compat import (
     forget_setup_manager,
     instance_manager,
     obs_column,
+    portable_history,
     setup_method_name,
 )
 from ._training_plan import FCRTrainingPlan
@@ -643,7 +644,12 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.save("fcr_model", overwrite=True)  # doctest: +SKIP
         """
         self.fcr_version_ = version_info()
-        super().save(dir_path, prefix=prefix, overwrite=overwrite, **kwargs)
+        history = self.history_
+        self.history_ = portable_history(history)  # readable under pandas 2 and 3
+        try:
+            super().save(dir_path, prefix=prefix, overwrite=overwrite, **kwargs)
+        finally:
+            self.history_ = history
 
     @classmethod
     def load(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -35,6 +36,8 @@ from ._scvi_compat import (
 # 1.2: posterior, interaction_context, decoder, treatment_prior and dose_response became model
 # arguments (new defaults); models saved before them are rebuilt with the values they had.
 MODEL_FORMAT = (1, 2)
+# the libraries whose versions decide whether a saved model.pt can be unpickled
+LIBRARIES = ("torch", "pandas", "numpy", "scvi-tools", "anndata")
 # the format of models saved before formats were recorded
 UNRECORDED_FORMAT = (1, 0)
 
@@ -55,6 +58,13 @@ def version_info() -> dict[str, str]:
     from . import __version__
 
     return {"fcr_tools": __version__, "model_format": ".".join(map(str, MODEL_FORMAT))}
+
+
+def installed_libraries() -> str:
+    """``"torch X, pandas Y, ..."``: the versions of :data:`LIBRARIES` installed here."""
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in LIBRARIES)
 
 
 def describe_version(info: dict | None) -> str:
@@ -147,6 +157,13 @@ def read_saved_model(
     try:
         saved = read_model_file(model_file)
     except Exception as err:  # truncated zip, garbage bytes, pickle errors ...
+        if zipfile.is_zipfile(model_file):  # a whole torch file: its pickle is the problem
+            raise ValueError(
+                f"Could not read the saved model {model_file!r} with the libraries installed "
+                f"here ({installed_libraries()}): {type(err).__name__}: {err}. The file is "
+                "whole, so it was most likely saved with newer versions of them: load it where "
+                "those are installed, or upgrade these (pip install -U scvi-tools pandas)."
+            ) from err
         raise ValueError(
             f"Could not read the saved model {model_file!r}: the file is truncated or corrupt "
             f"({type(err).__name__}: {err}). Save the model again."

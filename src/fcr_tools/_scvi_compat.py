@@ -44,6 +44,7 @@ __all__ = [
     "instance_manager",
     "log_metrics_without_inference_mode",
     "obs_column",
+    "portable_history",
     "read_model_file",
     "saved_data_file",
     "saved_init_arguments",
@@ -200,6 +201,29 @@ def read_model_file(path: str | os.PathLike) -> object:
     model (class, format version) before handing it to ``load``.
     """
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def portable_history(history: Mapping | None) -> dict | None:
+    """``model.history_`` with its tables' string-dtype row and column labels as object dtype.
+
+    ``BaseModelClass.save`` pickles ``history_`` (metric name -> DataFrame) into ``model.pt``.
+    Under pandas >= 3 (installed with scvi-tools 1.5 on Python >= 3.12) the column labels have
+    pandas 3's string dtype, whose pickle pandas 2 cannot read: a model saved there would not
+    load where scvi-tools 1.4 and pandas 2 are installed. Object-dtype labels read under both.
+    """
+    if history is None:
+        return None
+    tables = {}
+    for name, table in history.items():
+        if isinstance(table, pd.DataFrame):
+            table = table.copy(deep=False)
+            table.columns, table.index = _plain_labels(table.columns), _plain_labels(table.index)
+        tables[name] = table
+    return tables
+
+
+def _plain_labels(labels: pd.Index) -> pd.Index:
+    return labels.astype(object) if isinstance(labels.dtype, pd.StringDtype) else labels
 
 
 def write_model_file(saved: Mapping, path: str | os.PathLike) -> None:
