@@ -10,7 +10,7 @@ these names and never scvi-tools' internals, so that a new scvi-tools release is
 (``tests/test_scvi_compat.py`` checks each name against the installed scvi-tools and that no
 other module reaches into scvi-tools' private modules).
 
-Checked against scvi-tools 1.4.2 (Python 3.11) and 1.5.x (Python 3.12).
+Checked against scvi-tools 1.4.2 (Python 3.11) and 1.5.1 (Python 3.12).
 """
 
 from __future__ import annotations
