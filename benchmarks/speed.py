@@ -1,10 +1,17 @@
-"""Speed and memory: FCR vs FCR without discriminators vs scVI on the same data, same run.
+"""Speed and memory: FCR against scVI of the same width, latent size and batch size.
 
-One simulated screen (about 20,000 cells x 2,000 genes, sparse counts). Each method trains a
-few epochs in its own process (so peak memory is its own); the table gives seconds per epoch
-(median of the epochs after the first), cells per second, the FCR / scVI ratio, throughput of
-``get_latent_representation`` and ``predict_counterfactual``, and peak RSS. A torch.profiler
-summary of FCR training steps goes to results/speed_profile.txt.
+Three screens: the demo's simulated screen (about 4,600 cells x 200 genes), the bundled
+sci-Plex-GxE real screen (2,586 cells x 500 genes) and a simulated screen of 19,800 cells x
+2,000 genes (sparse counts). On each, FCR and scVI train a few epochs, each in its own
+process (so that peak memory is its own) and one after the other (never two at once); the
+table gives seconds per epoch and per step (median of the epochs after the first), the
+FCR / scVI ratio, inference throughput and peak RSS. On the large screen also FCR without
+discriminators and FCR with the NB likelihood, and prediction: ``predict_counterfactual``
+on a new AnnData of 1,667 control cells, and a grid of 50 (treatment, dose) targets on
+them with ``predict_grid`` against 50 separate calls. A torch.profiler table of FCR
+training steps on the demo screen, with the share of the step spent in the model's own
+arithmetic (forward, backward, optimiser steps, timed without Lightning), goes to
+results/speed_profile.txt.
 
 Run from the repository root:  python benchmarks/speed.py [--quick] [--accelerator cpu]
 Writes benchmarks/results/speed.{json,md} (speed_quick.* with --quick).
@@ -28,33 +35,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results
 
 HERE = Path(__file__).resolve()
-SETUP = {"treatment_key": "drug", "dose_key": "dose", "covariate_keys": "cell_line"}
+SIM_SETUP = {"treatment_key": "drug", "dose_key": "dose", "covariate_keys": "cell_line"}
+GRID_TARGETS = 50  # 10 treatments x 5 doses
+PREDICTION_COLUMNS = [
+    "prediction_new_cells",
+    "counterfactual_new_cells_per_second",
+    "grid_targets",
+    "separate_calls_seconds",
+    "grid_cells_seconds",
+    "grid_mean_seconds",
+    "grid_cells_speedup",
+    "grid_mean_speedup",
+]
 
 
-def make_data(quick: bool):
-    from fcr_tools.data import simulate_screen
+def make_data(screen: str, quick: bool):
+    """The screen's AnnData and its setup_anndata arguments."""
+    from fcr_tools.data import sciplex_gxe, simulate_screen
 
-    if quick:
-        return simulate_screen(
-            n_cell_lines=3,
-            n_treatments=4,
-            n_cells_per_condition=30,
-            n_genes=200,
-            as_sparse=True,
-            seed=0,
+    if screen == "demo":
+        from fcr_tools._demo import DEMO_SETTINGS
+
+        settings = DEMO_SETTINGS["quick" if quick else "full"]["screen"]
+        adata = simulate_screen(**settings, seed=0)
+        return adata[adata.obs["split"] == "train"].copy(), SIM_SETUP
+    if screen == "GxE":
+        adata = sciplex_gxe()
+        setup = {"treatment_key": "perturbation", "covariate_keys": "cell_type"}
+        return adata, {**setup, "control_treatment": "control"}
+    sizes = dict(n_cell_lines=3, n_treatments=4, n_cells_per_condition=30, n_genes=200)
+    if not quick:
+        sizes = dict(
+            n_cell_lines=5,
+            n_treatments=10,
+            doses=(0.1, 0.3, 1.0),
+            n_cells_per_condition=120,
+            n_genes=2000,
+            n_latent_x=8,
+            n_latent_t=8,
+            n_latent_tx=8,
         )
-    return simulate_screen(
-        n_cell_lines=5,
-        n_treatments=10,
-        doses=(0.1, 0.3, 1.0),
-        n_cells_per_condition=120,
-        n_genes=2000,
-        n_latent_x=8,
-        n_latent_t=8,
-        n_latent_tx=8,
-        as_sparse=True,
-        seed=0,
-    )
+    return simulate_screen(**sizes, as_sparse=True, seed=0), SIM_SETUP
+
+
+# FCRModel arguments per screen (the demo's model on the demo's screen, defaults elsewhere);
+# scVI gets the same width, depth and total latent size
+MODEL_KWARGS = {"demo": {"n_latent_x": 8, "n_latent_t": 8, "n_latent_tx": 8}, "GxE": {}}
+SCREENS = ["demo", "GxE", "large"]
 
 
 class EpochTimer:
@@ -106,8 +133,49 @@ def _best_seconds(call, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-def run_method(method: str, data: str, epochs: int, accelerator: str) -> dict:
-    """Train one method and time it (runs inside its own process, data read from ``data``)."""
+def prediction_speed(model, adata, setup: dict) -> dict:
+    """Throughput of predict_counterfactual on new cells, and a grid against separate calls.
+
+    The grid: the first 10 treatments x 5 doses (``GRID_TARGETS`` = 50 targets).
+    """
+    control = setup.get("control_treatment", "control")
+    labels = adata.obs[setup["treatment_key"]]
+    treatments = [t for t in labels.cat.categories if t != control][:10]
+    doses = [0.1, 0.2, 0.3, 0.5, 1.0]
+    controls = adata[labels == control]
+    new = controls[: min(1667, controls.n_obs)].copy()  # a new AnnData (copied per call)
+
+    def one_call():
+        model.predict_counterfactual(new.copy(), treatment=treatments[0], dose=1.0)
+
+    def separate():
+        data = new.copy()
+        for treatment in treatments:
+            for dose in doses:
+                model.predict_counterfactual(data, treatment=treatment, dose=dose)
+
+    def grid(aggregate):
+        return lambda: model.predict_grid(
+            new.copy(), treatment=treatments, dose=doses, aggregate=aggregate
+        )
+
+    apart = _best_seconds(separate, repeats=1)
+    cells = _best_seconds(grid("cells"), repeats=1)
+    mean = _best_seconds(grid("mean"), repeats=1)
+    return {
+        "prediction_new_cells": new.n_obs,
+        "counterfactual_new_cells_per_second": new.n_obs / _best_seconds(one_call),
+        "grid_targets": len(treatments) * len(doses),
+        "separate_calls_seconds": apart,
+        "grid_cells_seconds": cells,
+        "grid_mean_seconds": mean,
+        "grid_cells_speedup": apart / cells,
+        "grid_mean_speedup": apart / mean,
+    }
+
+
+def run_method(method: str, screen: str, data: str, epochs: int, accelerator: str) -> dict:
+    """Train one method on one screen and time it (in its own process, data read from file)."""
     import anndata as ad
     import scvi
     import torch
@@ -116,6 +184,7 @@ def run_method(method: str, data: str, epochs: int, accelerator: str) -> dict:
 
     scvi.settings.seed = 0
     adata = ad.read_h5ad(data)
+    setup = json.loads(adata.uns.pop("speed_setup"))
     rss_data = _rss_mb("VmRSS")
     _reset_peak_rss()  # the peak below is that of training and inference, data included
     timer = EpochTimer()
@@ -126,103 +195,191 @@ def run_method(method: str, data: str, epochs: int, accelerator: str) -> dict:
         accelerator=accelerator,
         check_val_every_n_epoch=None,
     )
-    n_train = None
+    model_kwargs = MODEL_KWARGS.get(screen, {})
+    n_hidden = model_kwargs.get("n_hidden", 128)
+    n_latent = sum(model_kwargs.get(f"n_latent_{b}", 16) for b in ("x", "t", "tx"))
+    counterfactual, predictions = None, {}
     if method == "scVI":
         scvi.model.SCVI.setup_anndata(adata, layer="counts", categorical_covariate_keys=None)
-        model = scvi.model.SCVI(adata, n_latent=48, n_hidden=128, n_layers=2)
+        model = scvi.model.SCVI(adata, n_latent=n_latent, n_hidden=n_hidden, n_layers=2)
         model.train(batch_size=256, train_size=1.0, **kwargs)
-        latent = lambda: model.get_latent_representation(batch_size=1024)  # noqa: E731
-        counterfactual = None
     else:
         likelihood = "nb" if "NB" in method else "gaussian"
-        FCRModel.setup_anndata(adata, layer="counts" if likelihood == "nb" else None, **SETUP)
-        model = FCRModel(adata, likelihood=likelihood)
+        FCRModel.setup_anndata(adata, layer="counts" if likelihood == "nb" else None, **setup)
+        model = FCRModel(adata, likelihood=likelihood, **model_kwargs)
         plan = {"adversarial_weight": 0.0} if "without discriminators" in method else {}
         model.train(batch_size=256, train_size=1.0, plan_kwargs=plan, **kwargs)
-        latent = lambda: model.get_latent_representation(batch_size=1024)  # noqa: E731
 
         def counterfactual():
-            return model.predict_counterfactual(treatment="drug_1", dose=1.0, batch_size=1024)
+            treatment = model.treatment_encoder.components[0]
+            return model.predict_counterfactual(treatment=treatment, batch_size=1024)
 
-    n_train = adata.n_obs
+    steps = model.trainer.num_training_batches
     epoch_seconds = float(np.median(timer.times[1:] if len(timer.times) > 1 else timer.times))
     train_peak = _rss_mb()
     _reset_peak_rss()
     model.module.eval()
-    latent_rate = adata.n_obs / _best_seconds(latent)
+    latent_rate = adata.n_obs / _best_seconds(
+        lambda: model.get_latent_representation(batch_size=1024)
+    )
     cf_rate = float("nan")
     if counterfactual is not None:
         cf_rate = adata.n_obs / _best_seconds(counterfactual)
+        if method == "FCR" and screen == "large":
+            predictions = prediction_speed(model, adata, setup)
     return {
+        "screen": screen,
         "method": method,
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
+        "steps_per_epoch": int(steps),
         "seconds_per_epoch": epoch_seconds,
-        "train_cells_per_second": n_train / epoch_seconds,
+        "ms_per_step": 1000 * epoch_seconds / steps,
+        "train_cells_per_second": adata.n_obs / epoch_seconds,
         "latent_cells_per_second": latent_rate,
         "counterfactual_cells_per_second": cf_rate,
         "rss_after_loading_data_mb": rss_data,
         "training_peak_minus_data_mb": train_peak - rss_data,
         "inference_peak_minus_data_mb": _rss_mb() - rss_data,
         "torch_threads": torch.get_num_threads(),
+        **predictions,
     }
 
 
-def profile_fcr(quick: bool, out: Path, n_steps: int = 20) -> None:
-    """torch.profiler table of FCR training steps (by total CPU time)."""
+def _bare_step_ms(model, n_epochs: int = 3) -> float:
+    """Milliseconds per training step of the model's own arithmetic, without Lightning.
+
+    Forward pass and objective, backward pass, gradient clipping and the Adam steps of the
+    autoencoder and the discriminators, on the same paired minibatches.
+    """
+    import torch
+
+    from fcr_tools._pairing import FCRDataLoader
+
+    module = model.module
+    module.train()
+    loader = FCRDataLoader(model.adata_manager, batch_size=256, shuffle=True, pair_controls=True)
+    batches = list(loader)
+    disc = {id(p) for p in module.discriminators.parameters()}
+    ae_params = [p for p in module.parameters() if id(p) not in disc]
+    ae = torch.optim.Adam(ae_params, lr=1e-4, eps=0.01)
+    discriminator = torch.optim.Adam(module.discriminators.parameters(), lr=1e-4, eps=0.01)
+
+    def step(batch):
+        inference, _, loss = module(batch, loss_kwargs={"kl_weight": 1.0})
+        ae.zero_grad()
+        loss.loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae_params, 50.0)
+        ae.step()
+        disc_loss, _ = module.discriminator_loss(inference)
+        discriminator.zero_grad()
+        disc_loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.discriminators.parameters(), 50.0)
+        discriminator.step()
+
+    for batch in batches[:3]:
+        step(batch)
+    start = time.perf_counter()
+    for _ in range(n_epochs):
+        for batch in batches:
+            step(batch)
+    return 1000 * (time.perf_counter() - start) / (n_epochs * len(batches))
+
+
+def profile_fcr(quick: bool, out: Path, n_steps: int = 20) -> dict:
+    """torch.profiler table of FCR training steps on the demo screen, and the arithmetic share.
+
+    The share is the bare step time (:func:`_bare_step_ms`) over the Lightning step time.
+    """
     import scvi
     from torch.profiler import ProfilerActivity, profile
 
     from fcr_tools import FCRModel
 
     scvi.settings.seed = 0
-    adata = make_data(quick)
-    FCRModel.setup_anndata(adata, **SETUP)
-    model = FCRModel(adata)
-    model.train(max_epochs=1, enable_progress_bar=False, train_size=1.0, limit_train_batches=3)
+    adata, setup = make_data("demo", quick)
+    FCRModel.setup_anndata(adata, **setup)
+    model = FCRModel(adata, **MODEL_KWARGS["demo"])
+    timer = EpochTimer()
+    model.train(
+        max_epochs=4,
+        enable_progress_bar=False,
+        train_size=1.0,
+        callbacks=[timer],
+        check_val_every_n_epoch=None,
+    )
+    steps = model.trainer.num_training_batches
+    lightning_ms = 1000 * float(np.median(timer.times[1:])) / steps
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         model.train(
             max_epochs=1, enable_progress_bar=False, train_size=1.0, limit_train_batches=n_steps
         )
+    bare_ms = _bare_step_ms(model)
+    share = {
+        "lightning_ms_per_step": lightning_ms,
+        "bare_ms_per_step": bare_ms,
+        "arithmetic_share": bare_ms / lightning_ms,
+    }
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
-    out.write_text(f"FCR training, {n_steps} steps, batch 256, {adata.shape}\n\n{table}\n")
+    out.write_text(
+        f"FCR training on the demo screen {adata.shape}, batch 256.\n"
+        f"One step through Lightning (median epoch / steps): {lightning_ms:.1f} ms; the "
+        f"model's own arithmetic (forward, backward, clipping, both Adam steps, no Lightning):"
+        f" {bare_ms:.1f} ms; arithmetic share {bare_ms / lightning_ms:.2f}.\n\n"
+        f"torch.profiler, {n_steps} steps through Lightning:\n\n{table}\n"
+    )
+    return share
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--name", default="speed", help="result file name (default speed)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--screen", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     suffix = "_quick" if args.quick else ""
     if args.worker:
-        print(json.dumps(run_method(args.worker, args.data, args.epochs, args.accelerator)))
+        row = run_method(args.worker, args.screen, args.data, args.epochs, args.accelerator)
+        print(json.dumps(row))
         return
     if args.profile:
-        profile_fcr(args.quick, RESULTS / f"speed_profile{suffix}.txt")
+        share = profile_fcr(args.quick, RESULTS / f"speed_profile{suffix}.txt")
+        print(json.dumps(share))
         return
 
-    methods = ["FCR", "FCR without discriminators", "FCR (NB likelihood)", "scVI"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = str(Path(tmp) / "screen.h5ad")
-        make_data(args.quick).write_h5ad(data)  # once, so every worker starts from the file
-        for method in methods:
-            cmd = [sys.executable, str(HERE), "--worker", method, "--data", data]
-            cmd += ["--epochs", str(args.epochs), "--accelerator", args.accelerator]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
+        for screen in SCREENS:
+            adata, setup = make_data(screen, args.quick)
+            adata.uns["speed_setup"] = json.dumps(setup)
+            data = str(Path(tmp) / f"{screen}.h5ad")
+            adata.write_h5ad(data)  # once, so every worker starts from the file
+            methods = ["FCR", "scVI"]
+            if screen == "large":
+                methods = ["FCR", "FCR without discriminators", "FCR (NB likelihood)", "scVI"]
+            for method in methods:
+                cmd = [sys.executable, str(HERE), "--worker", method, "--screen", screen]
+                cmd += ["--data", data, "--epochs", str(args.epochs)]
+                cmd += ["--accelerator", args.accelerator]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(rows[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
     cmd = [sys.executable, str(HERE), "--profile"] + (["--quick"] if args.quick else [])
-    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    share = json.loads(done.stdout.strip().splitlines()[-1])
     table = pd.DataFrame(rows)
-    scvi_epoch = table.loc[table.method == "scVI", "seconds_per_epoch"].iloc[0]
-    table.insert(4, "epoch_time_vs_scVI", table["seconds_per_epoch"] / scvi_epoch)
+    scvi_epoch = table[table.method == "scVI"].set_index("screen")["seconds_per_epoch"]
+    ratio = table["seconds_per_epoch"] / table.screen.map(scvi_epoch)
+    table.insert(6, "epoch_time_vs_scVI", ratio)
+    has_prediction = table[PREDICTION_COLUMNS[0]].notna()
+    prediction = table.loc[has_prediction, ["screen", "method", *PREDICTION_COLUMNS]]
+    table = table.drop(columns=PREDICTION_COLUMNS)
     flags = (" --quick" if args.quick else "") + (f" --name {args.name}" * (args.name != "speed"))
     write_results(
         args.name + suffix,
@@ -230,23 +387,30 @@ def main(argv=None):
         {
             "title": "Speed and memory",
             "description": (
-                f"{rows[0]['n_cells']} cells x {rows[0]['n_genes']} genes (sparse CSR), batch "
-                f"size 256, {args.epochs} epochs per method (median epoch time after the "
-                "first), no validation; each method in its own process, reading the same "
-                "h5ad. Memory: rss_after_loading_data_mb is the process right after reading "
-                "the data (imports included); training_ / inference_peak_minus_data_mb what "
-                "the peak RSS during training / during the inference calls adds to it (Linux "
-                "VmHWM, reset after loading and after training; inference includes the dense "
-                f"{rows[0]['n_cells']} x {rows[0]['n_genes']} float32 output of "
-                "predict_counterfactual). FCR: default "
-                "settings (16/16/16 latents, width 128, 2 layers; Gaussian on log-normalised "
-                "X unless NB); scVI: n_latent=48, n_hidden=128, n_layers=2, NB on counts. "
-                "Inference throughput with batch size 1024 (median of 3 calls after a warm-up). "
-                "Profile: "
-                f"results/speed_profile{suffix}.txt."
+                f"Each method trains {args.epochs} epochs (median epoch time after the first; "
+                "no validation; batch size 256) in its own process, one after the other, "
+                "reading the same h5ad. ratio = FCR / scVI epoch time on the same screen. "
+                "FCR: default settings (16/16/16 latents, width 128, 2 layers; Gaussian on "
+                "log-normalised X unless NB) except the demo screen, where the demo's model "
+                "(8/8/8 latents); scVI: the same width and depth, n_latent = FCR's total "
+                "latent size, NB on counts. Memory: rss_after_loading_data_mb is the process "
+                "right after reading the data (imports included); training_ / "
+                "inference_peak_minus_data_mb what the peak RSS during training / during the "
+                "inference calls adds to it (Linux VmHWM). Inference throughput with batch "
+                "size 1024 (median of 3 calls after a warm-up). Prediction (large screen): "
+                "predict_counterfactual on a new AnnData of control cells (median of 3 calls "
+                f"after a warm-up), and a grid of {GRID_TARGETS} (treatment, dose) targets on "
+                "those cells: predict_grid with aggregate='cells' (every cell x target) and "
+                "'mean' (one row per cell line x target) against one predict_counterfactual "
+                "call per target. Profile: "
+                f"results/speed_profile{suffix}.txt (demo screen): a Lightning step "
+                f"{share['lightning_ms_per_step']:.1f} ms, the model's own arithmetic "
+                f"{share['bare_ms_per_step']:.1f} ms (share "
+                f"{share['arithmetic_share']:.2f})."
             ),
+            "profile": share,
         },
-        {"results": table},
+        {"results": table, "prediction": prediction},
     )
 
 

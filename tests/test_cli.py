@@ -33,6 +33,9 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     assert (out / "model" / "model.pt").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["latents"]["obsm_keys"] == ["X_fcr_x", "X_fcr_t", "X_fcr_tx"]
+    umaps = ["X_umap_fcr_x", "X_umap_fcr_t", "X_umap_fcr_tx"]
+    assert report["latents"]["umap_obsm_keys"] == umaps
+    assert set(umaps) <= set(ad.read_h5ad(out / "latents.h5ad").obsm)
     assert set(report["counterfactuals"]["mean_scores"]) == {"FCR", "additive", "control_mean"}
     assert report["data"]["n_heldout_groups_scored"] > 0
     assert "R2 top-20 DEGs" in capsys.readouterr().out

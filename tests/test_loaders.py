@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import http.server
+import threading
 
 import anndata as ad
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from scipy import sparse
 
 from fcr_tools import FCRModel
-from fcr_tools.data import mcfarland, sciplex3
+from fcr_tools.data import _loaders, mcfarland, sciplex3
 
 
 def _write(path, obs: pd.DataFrame, n_genes: int = 40, seed: int = 0):
@@ -113,30 +116,95 @@ def test_mcfarland_time_and_type(tmp_path):
         mcfarland(file, time="48h")
 
 
-def test_download_cache_and_checksum(tmp_path):
-    source = sciplex3_scperturb(tmp_path / "published.h5ad")
-    url = source.as_uri()
-    cache = tmp_path / "cache"
-    adata = sciplex3(url=url, cache_dir=cache, progress=False, n_top_genes=None)
-    cached = cache / "SrivatsanTrapnell2020_sciplex3.h5ad"
-    sidecar = cache / "SrivatsanTrapnell2020_sciplex3.h5ad.sha256"
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A local HTTP server of ``tmp_path / "served"``: ``(url_of(name), requests_made)``."""
+    monkeypatch.setattr(_loaders, "_RETRIES", 0)  # no waiting between failed attempts
+    served = tmp_path / "served"
+    served.mkdir()
+    requests_made = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            requests_made.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    port = httpd.server_address[1]
+    yield served, (lambda name: f"http://127.0.0.1:{port}/{name}"), requests_made
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def test_download_once_into_the_cache(tmp_path, server):
+    served, url_of, requests_made = server
+    source = sciplex3_scperturb(served / "published.h5ad")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    assert cached.read_bytes() == source.read_bytes()
-    assert sidecar.read_text().split()[0] == digest
+    cache = tmp_path / "cache"
+    adata = sciplex3(
+        url=url_of("published.h5ad"), cache_dir=cache, progress=False, n_top_genes=None
+    )
     assert adata.n_obs == 3 * 13 * 5
-    # later loads read the cache (the url is not used) and verify it
-    again = sciplex3(url="file:///nowhere.h5ad", cache_dir=cache, checksum=digest.upper())
+    cached = cache / "SrivatsanTrapnell2020_sciplex3.h5ad"
+    assert cached.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in cache.iterdir()) == [cached.name]  # no sidecar, no leftovers
+    assert len(requests_made) == 1
+    # later loads read the cache, with or without a hash to check it against
+    again = sciplex3(url=url_of("absent.h5ad"), cache_dir=cache, n_top_genes=None)
     assert again.shape == adata.shape
+    again = sciplex3(url=url_of("absent.h5ad"), cache_dir=cache, checksum=digest.upper())
+    assert len(requests_made) == 1
+    # a cached file that does not match the hash is downloaded again
     cached.write_bytes(cached.read_bytes() + b"tampered")
-    with pytest.raises(ValueError, match="Checksum mismatch"):
-        sciplex3(cache_dir=cache)
-    with pytest.raises(ValueError, match="Checksum mismatch"):
+    sciplex3(url=url_of("published.h5ad"), cache_dir=cache, checksum=f"sha256:{digest}")
+    assert cached.read_bytes() == source.read_bytes()
+    assert len(requests_made) == 2
+
+
+def test_a_wrong_hash_is_refused(tmp_path, server, monkeypatch):
+    served, url_of, _ = server
+    source = mcfarland_scperturb(served / "published.h5ad")
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"McFarland et al\. 2020: .*does not match the known"):
+        mcfarland(url=url_of("published.h5ad"), cache_dir=cache, checksum="0" * 64)
+    assert not list(cache.iterdir())  # nothing kept
+    md5 = hashlib.md5(source.read_bytes()).hexdigest()
+    adata = mcfarland(url=url_of("published.h5ad"), cache_dir=cache, checksum=f"md5:{md5}")
+    assert adata.n_obs == 3 * 3 * 8
+    # the hash fixed in the code is what a download is checked against by default
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    wrong = dataclasses.replace(_loaders._SCIPLEX3, known_hash="sha256:" + "1" * 64)
+    monkeypatch.setattr(_loaders, "_SCIPLEX3", wrong)
+    with pytest.raises(ValueError, match=f"sciPlex3: .*expected sha256:{'1' * 64} but got {sha}"):
+        sciplex3(url=url_of("published.h5ad"), cache_dir=tmp_path / "other")
+    right = dataclasses.replace(_loaders._SCIPLEX3, known_hash=f"sha256:{sha}")
+    monkeypatch.setattr(_loaders, "_SCIPLEX3", right)
+    sciplex3(url=url_of("published.h5ad"), cache_dir=tmp_path / "other", preprocess=False)
+    # a local file is checked against checksum= (and left alone when it does not match)
+    with pytest.raises(ValueError, match="checksum mismatch"):
         sciplex3(source, checksum="0" * 64)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        sciplex3(source, checksum="md5:" + "0" * 32)
+    assert source.exists()
+    sciplex3(source, checksum=f"md5:{md5.upper()}", preprocess=False)
 
 
-def test_missing_files_and_network(tmp_path):
+def test_missing_files_and_network(tmp_path, server):
+    _, url_of, _ = server
     with pytest.raises(FileNotFoundError, match="no such file"):
         sciplex3(tmp_path / "absent.h5ad")
-    with pytest.raises(ConnectionError, match="path="):
-        mcfarland(url=(tmp_path / "absent.h5ad").as_uri(), cache_dir=tmp_path, progress=False)
-    assert not list(tmp_path.glob("*.part"))
+    cache = tmp_path / "cache"
+    with pytest.raises(ConnectionError, match=r"absent\.h5ad.*path="):
+        mcfarland(url=url_of("absent.h5ad"), cache_dir=cache, progress=False)
+    assert not list(cache.iterdir())
+    with pytest.raises(ValueError, match=r"McFarland et al\. 2020: .*protocol 'file'"):
+        mcfarland(url=(tmp_path / "absent.h5ad").as_uri(), cache_dir=cache)

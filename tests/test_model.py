@@ -8,16 +8,13 @@ import scvi
 from lightning.pytorch.callbacks import EarlyStopping
 
 from fcr_tools import FCRModel
+from fcr_tools._objective import LOSS_TERMS
 
-LOSS_TERMS = [
+# logged under _train and _validation by a model trained with the default weights
+HISTORY_TERMS = [
     "nll_cell",
     "kl_cell",
-    "aggregate_kl",
-    "covariate_ce",
-    "treatment_ce",
-    "similarity",
-    "adversarial",
-    "discriminator_accuracy",
+    *(metric for term in LOSS_TERMS for metric in term.metrics),
     "elbo",
     "reconstruction_loss",
     "kl_local",
@@ -59,7 +56,7 @@ def test_training_decreases_the_loss(adata, build_model, likelihood):
 def test_history_has_every_term(trained_model):
     history = trained_model.history
     assert "train_loss" in history and "validation_loss" in history
-    for term in LOSS_TERMS:
+    for term in HISTORY_TERMS:
         for split in ("train", "validation"):
             key = f"{term}_{split}"
             assert key in history, key
@@ -83,6 +80,29 @@ def test_logged_elbo_is_the_cells_own(trained_model):
         np.testing.assert_allclose(
             h("elbo_partner"), h("reconstruction_loss_partner") + h("kl_local_partner"), rtol=1e-4
         )
+
+
+def test_metrics_are_logged_once_per_epoch(adata, build_model, monkeypatch):
+    """Epoch means, logged at the epoch's end: no logging call per training step."""
+    from collections import Counter
+
+    from fcr_tools._training_plan import FCRTrainingPlan
+
+    names = []
+    log = FCRTrainingPlan.log
+
+    def counting_log(self, name, *args, **kwargs):
+        names.append(name)
+        return log(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(FCRTrainingPlan, "log", counting_log)
+    model = build_model(adata, train={"max_epochs": 3, "batch_size": 16})
+    assert model.trainer.num_training_batches > 3  # several steps per epoch
+    assert set(Counter(names).values()) == {3}  # every name once per epoch
+    assert {"kl_weight", "train_loss", "elbo_train", "elbo_validation"} <= set(names)
+    assert _history(model, "kl_weight").tolist() == pytest.approx([0.0, 0.1, 0.2])
+    with pytest.raises(ValueError, match="on_step=True is not supported"):
+        model.train(max_epochs=1, plan_kwargs={"on_step": True})
 
 
 def test_partner_metrics_follow_control_weight(adata, build_model):

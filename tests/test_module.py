@@ -6,26 +6,15 @@ from torch.distributions import Normal, kl_divergence
 from torch.nn import functional as F
 
 from fcr_tools._module import FCRModule, gaussian_kl
+from fcr_tools._objective import LOSS_TERMS
 from fcr_tools._pairing import FCRDataLoader
 
-WEIGHTS = {
-    "kl_weight": 0.9,
-    "reconstruction_weight": 0.8,
-    "control_weight": 0.6,
-    "aggregate_kl_weight": 0.7,
-    "covariate_classifier_weight": 1.3,
-    "treatment_classifier_weight": 0.4,
-    "similarity_weight": 1.1,
-    "adversarial_weight": 0.5,
-}
-# weight -> the metrics that disappear with it
-WEIGHT_METRICS = {
-    "aggregate_kl_weight": ["aggregate_kl"],
-    "covariate_classifier_weight": ["covariate_ce"],
-    "treatment_classifier_weight": ["treatment_ce"],
-    "similarity_weight": ["similarity"],
-    "adversarial_weight": ["adversarial", "discriminator_accuracy"],
-}
+# distinct weights other than 1, so that a term counted with a wrong weight shows
+WEIGHTS = {"kl_weight": 0.9} | {t.weight: 0.35 + 0.15 * i for i, t in enumerate(LOSS_TERMS)}
+# weight -> the metrics that disappear with it (the first: the value the weight multiplies)
+WEIGHT_METRICS = {t.weight: list(t.metrics) for t in LOSS_TERMS if t.metrics}
+# the terms that log their values whatever their weights, each tested on its own below
+ALWAYS_LOGGED = {"reconstruction_weight", "control_weight"}
 
 
 def _batch(model, pair=True, n=120):
@@ -71,6 +60,11 @@ def test_loss_is_finite_with_all_metrics(module_and_batch):
 def test_loss_is_reproducible_with_a_seed(module_and_batch):
     module, batch = module_and_batch
     assert _loss(module, batch).loss.item() == _loss(module, batch).loss.item()
+
+
+def test_every_term_is_tested_here():
+    # a term either logs metrics (tested by the parametrised test below) or has a test here
+    assert {t.weight for t in LOSS_TERMS} - set(WEIGHT_METRICS) == ALWAYS_LOGGED
 
 
 @pytest.mark.parametrize("weight", list(WEIGHT_METRICS))

@@ -158,3 +158,60 @@ def test_interaction_heatmap_from_a_model(trained_model):
     )
     assert fig is ax.figure
     assert ax.images[0].get_array().shape == (3, 4)
+
+
+def _with_umaps(adata, blocks=("x", "t", "tx")):
+    """``adata`` with made-up UMAP coordinates stored as tl.block_umap stores them."""
+    rng = np.random.default_rng(0)
+    for block in blocks:
+        adata.obsm[f"X_umap_fcr_{block}"] = rng.normal(size=(adata.n_obs, 2)).astype(np.float32)
+    return adata
+
+
+def test_latent_umaps_draws_the_stored_umaps(adata, snapshot, tmp_path):
+    _with_umaps(adata)
+    check = snapshot(adata)
+    fig = fcr_tools.pl.latent_umaps(
+        adata, color=["cell_line", "drug"], save=str(tmp_path / "u.png")
+    )
+    check(adata)
+    assert (tmp_path / "u.png").stat().st_size > 0
+    axes = _visible(fig)
+    assert len(axes) == 6  # 2 colours x 3 blocks
+    assert axes[2].get_title() == "z_tx (interaction)\ncoloured by cell_line"
+    # the cells of cell_line_0 sit where obsm says
+    first = axes[2].collections[0].get_offsets()
+    cells = (adata.obs["cell_line"] == "cell_line_0").to_numpy()
+    np.testing.assert_array_equal(first, adata.obsm["X_umap_fcr_tx"][cells])
+
+
+def test_block_umap_plots_one_block(adata, snapshot):
+    _with_umaps(adata, blocks=["t"])
+    check = snapshot(adata)
+    fig = fcr_tools.pl.block_umap(adata, "t", color=["drug", "dose"], show=False)
+    check(adata)
+    titles = [ax.get_title() for ax in _visible(fig)]
+    assert titles == ["z_t (treatment)\ncoloured by drug", "z_t (treatment)\ncoloured by dose"]
+    drugs = _visible(fig)[0]
+    assert len(drugs.collections) == len(adata.obs["drug"].cat.categories)
+    assert sum(len(c.get_offsets()) for c in drugs.collections) == adata.n_obs
+
+
+def test_plots_do_not_compute_umaps(adata, snapshot):
+    adata.obsm["X_fcr_tx"] = np.zeros((adata.n_obs, 2), dtype=np.float32)
+    check = snapshot(adata)
+    with pytest.raises(KeyError, match=r"X_umap_fcr_tx.*tl\.block_umap\(adata, blocks='tx'\)"):
+        fcr_tools.pl.block_umap(adata, "tx", show=False)
+    with pytest.raises(KeyError, match=r"X_umap_mine_x.*prefix='X_mine'"):
+        fcr_tools.pl.latent_umaps(adata, prefix="X_mine", blocks=["x"], show=False)
+    _with_umaps(adata, blocks=["x"])
+    with pytest.raises(KeyError, match=r"'X_umap_fcr_t', 'X_umap_fcr_tx'.*\['t', 'tx'\]"):
+        fcr_tools.pl.latent_umaps(adata, show=False)
+    # the 0.1 call pl.block_umap(adata, use_rep) is told what changed
+    with pytest.raises(KeyError, match="obsm key, not a block name"):
+        fcr_tools.pl.block_umap(adata, "X_fcr_tx", show=False)
+    with pytest.raises(KeyError, match="color='nope'"):
+        fcr_tools.pl.block_umap(adata, "x", color="nope", show=False)
+    assert not {"X_umap_fcr_t", "X_umap_fcr_tx", "X_umap"} & set(adata.obsm)
+    del adata.obsm["X_umap_fcr_x"]
+    check(adata)

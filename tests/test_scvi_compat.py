@@ -2,23 +2,18 @@
 scvi-tools, and that no other module reaches into scvi-tools' internals."""
 
 import ast
-import inspect
 from pathlib import Path
 
 import mudata
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scvi.data._utils import get_anndata_attribute
-from scvi.module.base import LossOutput
-from scvi.train import TrainingPlan
 
 from conftest import SETUP
 from fcr_tools import FCRModel
 from fcr_tools import _scvi_compat as compat
 from fcr_tools._constants import TREATMENT_KEY, X_KEY
-from fcr_tools._training_plan import FCRTrainingPlan
 
 PACKAGE = Path(compat.__file__).parent
 ADAPTER = Path(compat.__file__).name
@@ -122,63 +117,6 @@ def test_manager_stores(trained_model, adata):
     assert compat.instance_manager(trained_model, uuid) is None
     assert trained_model.get_anndata_manager(adata) is None  # scvi-tools agrees
     compat.forget_instance_manager(trained_model, uuid)  # twice is fine
-
-
-def test_metric_logging_is_scvi_tools_undecorated():
-    function = inspect.unwrap(TrainingPlan.compute_and_log_metrics)
-    assert not hasattr(function, "__wrapped__")
-    assert list(inspect.signature(function).parameters) == [
-        "self",
-        "loss_output",
-        "metrics",
-        "mode",
-    ]
-
-
-def _logging_plan(model, monkeypatch) -> tuple[FCRTrainingPlan, list[bool]]:
-    """A training plan whose ``log`` / ``log_dict`` record whether inference mode was on."""
-    plan = FCRTrainingPlan(model.module)
-    seen = []
-
-    def log(*args, **kwargs):
-        seen.append(torch.is_inference_mode_enabled())
-
-    monkeypatch.setattr(plan, "log", log)
-    monkeypatch.setattr(FCRTrainingPlan, "use_sync_dist", False)  # no Trainer attached
-    monkeypatch.setattr(plan, "log_dict", log)
-    return plan, seen
-
-
-def _loss_output() -> LossOutput:
-    return LossOutput(
-        loss=torch.tensor(3.0),
-        reconstruction_loss=torch.tensor([1.0, 2.0]),
-        kl_local=torch.tensor([0.5, 0.25]),
-    )
-
-
-def _states(metric) -> list[torch.Tensor]:
-    return [getattr(metric, name) for name in metric._defaults]
-
-
-def test_metrics_are_logged_outside_inference_mode(monkeypatch, trained_model):
-    plan, seen = _logging_plan(trained_model, monkeypatch)
-    with torch.no_grad():
-        compat.log_metrics_without_inference_mode(
-            plan, _loss_output(), plan.train_metrics, "train"
-        )
-    assert seen and not any(seen)
-    metric = plan.train_metrics["elbo_train"]
-    assert metric.compute().item() == pytest.approx((3.0 + 0.75) / 2)
-    assert not any(state.is_inference() for state in _states(metric))  # DDP can sync them
-
-
-def test_scvi_tools_logs_metrics_in_inference_mode(monkeypatch, trained_model):
-    """Why the adapter exists: should this fail, scvi-tools dropped the decorator and
-    ``log_metrics_without_inference_mode`` could call its method directly."""
-    plan, seen = _logging_plan(trained_model, monkeypatch)
-    TrainingPlan.compute_and_log_metrics(plan, _loss_output(), plan.train_metrics, "train")
-    assert seen and all(seen)
 
 
 def test_model_file_round_trip(trained_model, tmp_path):

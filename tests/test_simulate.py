@@ -347,3 +347,76 @@ def test_interaction_sd_range_wider(rank):
 def test_interaction_sd_range_invalid(bad):
     with pytest.raises(ValueError, match="interaction_sd_range"):
         simulate_screen(**SMALL, interaction_sd_range=bad)
+
+
+# Values recorded from simulate_screen before it was split into one function per law: the
+# same seed must keep giving the same screen (the order of the draws is part of the output).
+RECORDED = [
+    (
+        {"n_holdout_pairs": 2},
+        0,
+        {
+            "counts": 934763.0,
+            "X": 38508.9327775836,
+            "z": (-984.7044157598866, 322.25217537020217, 131.02084281438147),
+            "first": ["cell_line_1|drug_1|1.0", "cell_line_1|control|0"],
+            "library_size": 2822.062250228744,
+            "holdout": ["cell_line_1|drug_1", "cell_line_2|drug_3"],
+        },
+    ),
+    (
+        {"interaction_rank": None, "n_holdout_pairs": 2},
+        1,
+        {
+            "counts": 904743.0,
+            "X": 46992.26693379879,
+            "z": (306.9865636001341, -43.03214973048307, -93.15703119034879),
+            "first": ["cell_line_0|drug_2|1.0", "cell_line_1|drug_2|1.0"],
+            "library_size": 3570.8181994004567,
+            "holdout": ["cell_line_0|drug_3", "cell_line_1|drug_0"],
+        },
+    ),
+    (
+        {
+            "combinations": [("drug_0", "drug_1")],
+            "as_sparse": True,
+            "n_holdout_pairs": [("cell_line_1", "drug_0+drug_1")],
+        },
+        2,
+        {
+            "counts": 1154256.0,
+            "X": 54977.059565901756,
+            "z": (762.0800824621692, -10.419319710228592, -64.74625739757903),
+            "first": ["cell_line_1|control|0", "cell_line_1|drug_1|0.1"],
+            "library_size": 3054.1921320299016,
+            "holdout": ["cell_line_1|drug_0+drug_1"],
+        },
+    ),
+    (
+        {"interaction_strength": 0.0},
+        0,
+        {
+            "counts": 935583.0,
+            "X": 39099.45477205515,
+            "z": (-980.4370515951305, 316.9910347192781, 11.592594965128228),
+            "first": ["cell_line_0|drug_1|0.1", "cell_line_1|drug_3|1.0"],
+            "library_size": 2822.062250228744,
+            "holdout": [],
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "seed", "expected"), RECORDED)
+def test_recorded_values(kwargs, seed, expected):
+    a = simulate_screen(**SMALL, **kwargs, seed=seed)
+    assert _dense(a.layers["counts"]).astype(np.float64).sum() == expected["counts"]
+    np.testing.assert_allclose(_dense(a.X).astype(np.float64).sum(), expected["X"], rtol=1e-9)
+    sums = [a.obsm[k].astype(np.float64).sum() for k in ("z_x_true", "z_t_true", "z_tx_true")]
+    np.testing.assert_allclose(sums, expected["z"], rtol=1e-9)
+    assert a.obs["condition"].iloc[:2].tolist() == expected["first"]
+    np.testing.assert_allclose(a.obs["library_size"].iloc[0], expected["library_size"], rtol=1e-12)
+    assert list(a.uns["fcr_simulation"]["holdout_pairs"]) == expected["holdout"]
+    held = a.obs["split"] == "holdout"
+    pairs = a.obs.loc[held, "cell_line"].astype(str) + "|" + a.obs.loc[held, "drug"].astype(str)
+    assert sorted(set(pairs)) == sorted(expected["holdout"])

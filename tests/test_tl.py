@@ -131,3 +131,45 @@ def test_latent_usage_bad_arguments(trained_model):
         latent_usage(trained_model, active_threshold=-1)
     with pytest.raises(ValueError, match="indices is empty"):
         latent_usage(trained_model, indices=[])
+
+
+# ------------------------------------------------------------------ block_umap
+def test_block_umap_writes_only_the_coordinates(adata):
+    rng = np.random.default_rng(0)
+    first = (adata.obs["cell_line"] == "cell_line_0").to_numpy()
+    adata.obsm["X_fcr_x"] = 20.0 * first[:, None] + rng.normal(size=(adata.n_obs, 2))
+    adata.obsm["X_fcr_tx"] = rng.normal(size=(adata.n_obs, 3))
+    before = adata.copy()
+    copied = fcr_tools.tl.block_umap(adata, blocks="tx", copy=True)
+    assert set(copied.obsm) - set(before.obsm) == {"X_umap_fcr_tx"}
+    assert set(adata.obsm) == set(before.obsm)  # copy=True leaves adata alone
+    assert fcr_tools.tl.block_umap(adata, blocks=["x", "tx"]) is None
+    for block in ("x", "tx"):
+        coords = adata.obsm[f"X_umap_fcr_{block}"]
+        assert coords.shape == (adata.n_obs, 2) and coords.dtype == np.float32
+        assert np.isfinite(coords).all()
+    # the same seed gives the same embedding
+    np.testing.assert_array_equal(copied.obsm["X_umap_fcr_tx"], adata.obsm["X_umap_fcr_tx"])
+    # no neighbours graph, X_umap or uns entry of scanpy's is left in adata
+    assert set(adata.obsm) - set(before.obsm) == {"X_umap_fcr_x", "X_umap_fcr_tx"}
+    assert not adata.obsp and set(adata.uns) == set(before.uns)
+    np.testing.assert_array_equal(adata.X, before.X)
+    # the two clusters of the context block stay apart in its UMAP
+    coords = adata.obsm["X_umap_fcr_x"]
+    gap = np.linalg.norm(coords[first].mean(0) - coords[~first].mean(0))
+    assert gap > 3 * max(coords[first].std(0).max(), coords[~first].std(0).max())
+    # another prefix: obsm["X_mine_t"] -> obsm["X_umap_mine_t"]
+    adata.obsm["X_mine_t"] = rng.normal(size=(adata.n_obs, 2))
+    fcr_tools.tl.block_umap(adata, blocks="t", prefix="X_mine", n_neighbors=5)
+    assert adata.obsm["X_umap_mine_t"].shape == (adata.n_obs, 2)
+
+
+def test_block_umap_errors(adata):
+    adata.obsm["X_fcr_x"] = np.zeros((adata.n_obs, 2))
+    with pytest.raises(KeyError, match=r"X_fcr_tx.*write_latents"):
+        fcr_tools.tl.block_umap(adata, blocks=["x", "tx"])
+    assert "X_umap_fcr_x" not in adata.obsm  # nothing written before the check
+    with pytest.raises(ValueError, match="blocks"):
+        fcr_tools.tl.block_umap(adata, blocks=[])
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        fcr_tools.tl.block_umap(adata[:1].copy(), blocks="x")

@@ -14,6 +14,7 @@ from .baselines import AdditiveBaseline, ControlMeanBaseline
 from .data import simulate_counterfactual, simulate_screen
 from .metrics import mean_corr_coef, score_heldout_groups
 from .pl import latent_umaps
+from .tl import block_umap
 
 SCORE_COLUMNS = ["r2_all", "r2_deg20", "r2_deg50", "r2_delta", "pearson_delta_deg20"]
 
@@ -119,6 +120,7 @@ def run_demo(
 
     # latents of every cell, held-out pairs included
     model.write_latents(adata)
+    block_umap(adata)
     latent_umaps(adata, color=["cell_line", "drug"], save=str(out / "umap_latents.png"))
     mcc = {
         block: mean_corr_coef(adata.obsm[f"X_fcr_{block}"], adata.obsm[f"z_{block}_true"])
@@ -166,6 +168,7 @@ def run_demo(
             "obsm_keys": [f"X_fcr_{b}" for b in ("x", "t", "tx")],
             "dims": {b: int(adata.obsm[f"X_fcr_{b}"].shape[1]) for b in ("x", "t", "tx")},
             "mcc_vs_truth": {b: round(v, 3) for b, v in mcc.items()},
+            "umap_obsm_keys": [f"X_umap_fcr_{b}" for b in ("x", "t", "tx")],
             "umap_figure": "umap_latents.png",
         },
         "counterfactuals": {
@@ -204,7 +207,8 @@ def _report_markdown(report: dict, summary: pd.DataFrame) -> str:
             "## Latent blocks",
             "",
             f"Written to `adata.obsm`: {', '.join(latents['obsm_keys'])} "
-            f"(dims {latents['dims']}). UMAPs: `{latents['umap_figure']}`.",
+            f"(dims {latents['dims']}); their UMAPs: {', '.join(latents['umap_obsm_keys'])}, "
+            f"drawn in `{latents['umap_figure']}`.",
             "",
             f"MCC against the true latents: z_x {mcc['x']:.3f}, z_t {mcc['t']:.3f}, "
             f"z_tx {mcc['tx']:.3f}.",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Literal
 
@@ -31,6 +31,13 @@ from ._pairing import (
     control_mask,
     covariate_codes,
     treatment_encoder,
+)
+from ._prediction import (
+    NORMALIZED_SCALE,
+    check_mode,
+    counterfactual_expression,
+    grid_targets,
+    group_codes,
 )
 from ._registration import (
     MAX_STAND_INS,
@@ -159,13 +166,15 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
     --------
     >>> from fcr_tools import FCRModel
     >>> from fcr_tools.data import simulate_screen
-    >>> adata = simulate_screen(n_cells_per_condition=10, n_genes=30)
+    >>> adata = simulate_screen(n_cell_lines=2, n_treatments=2, n_cells_per_condition=10)
     >>> FCRModel.setup_anndata(
     ...     adata, treatment_key="drug", dose_key="dose", covariate_keys="cell_line"
     ... )
     >>> model = FCRModel(adata, n_latent_x=4, n_latent_t=4, n_latent_tx=4)
-    >>> model.train(max_epochs=1)  # doctest: +SKIP
-    >>> model.write_latents()  # doctest: +SKIP
+    >>> model.train(max_epochs=1, enable_progress_bar=False)
+    >>> model.write_latents()
+    >>> adata.obsm["X_fcr_tx"].shape
+    (180, 4)
     """
 
     _module_cls = FCRModule
@@ -641,7 +650,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> model.save("fcr_model", overwrite=True)  # doctest: +SKIP
+        >>> import os
+        >>> model.save("fcr_model", overwrite=True)
+        >>> os.listdir("fcr_model")
+        ['model.pt']
         """
         self.fcr_version_ = version_info()
         history = self.history_
@@ -686,7 +698,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> model = FCRModel.load("fcr_model", adata=adata)  # doctest: +SKIP
+        >>> model.save("fcr_model", overwrite=True)
+        >>> model = FCRModel.load("fcr_model", adata=adata)
         """
         info, saved = None, None
         if backup_url is None:
@@ -755,18 +768,136 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> z_tx = model.get_latent_representation(block="tx")  # doctest: +SKIP
+        >>> z_tx = model.get_latent_representation(block="tx")
+        >>> z_tx.shape == (adata.n_obs, model.module.n_latent["tx"])
+        True
         """
         blocks = _selected_blocks(block)
-        adata = self._validate_anndata(adata)
-        self.module.eval()
         parts = []
-        for tensors in self._loader(adata, indices, batch_size):
-            inputs = self.module._get_inference_input(tensors)
-            out = self.module.inference(**inputs)
+        for out in self.inference_batches(adata, indices, batch_size):
             chosen = [out[f"qz_{b}"].loc if give_mean else out[f"z_{b}"] for b in blocks]
             parts.append(torch.cat(chosen, -1).cpu().numpy())
         return np.concatenate(parts)
+
+    def _batches(self, adata, indices=None, batch_size: int | None = None) -> Iterator[dict]:
+        """Inference outputs of each minibatch of already validated data, cells in order."""
+        loader = self._loader(adata, indices, batch_size)
+        device = self.module.device
+        start = 0
+        for tensors in loader:
+            tensors = {key: value.to(device) for key, value in tensors.items()}
+            inputs = self.module._get_inference_input(tensors)
+            inputs.pop("n_primary")
+            out = self.module.inference(**inputs)
+            n = out["library"].shape[0]
+            out["indices"] = loader.indices[start : start + n]
+            start += n
+            yield out
+
+    @torch.inference_mode()
+    def inference_batches(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[dict]:
+        """Run the encoder over cells, one minibatch at a time.
+
+        The one way to reach the model's inference from outside: the data are checked once
+        (as in :meth:`get_latent_representation`), then each minibatch's outputs are yielded,
+        in the order of the cells.
+
+        Parameters
+        ----------
+        adata
+            Data with the model's genes and columns (default: the training data).
+        indices
+            Cells to use (default all).
+        batch_size
+            Cells per minibatch (default 1,024).
+
+        Yields
+        ------
+        dict
+            The module's inference outputs for the minibatch (tensors on the model's device,
+            created in inference mode): ``qz_x``, ``qz_t``, ``qz_tx`` (posteriors),
+            ``pz_x``, ``pz_t``, ``pz_tx`` (conditional priors), ``z_*`` (one sample each),
+            ``library``, ``covs`` (covariate codes), ``e_x`` and ``e_tx`` (context
+            embeddings); and ``indices``, the positions of its cells in ``adata``.
+
+        Examples
+        --------
+        >>> for out in model.inference_batches(adata, batch_size=100):
+        ...     z_t = out["qz_t"].loc  # posterior means of z_t
+        ...     blocks = model.counterfactual_latents(out, "drug_1", dose=0.3)
+        ...     expression = model.decode(blocks, out)["mean"]
+        ...     print(len(out["indices"]), tuple(expression.shape))
+        100 (100, 30)
+        92 (92, 30)
+        """
+        adata = self._validate_anndata(adata)
+        self.module.eval()
+        yield from self._batches(adata, indices, batch_size)
+
+    def _treatment_vector(self, treatment: str, dose=None) -> torch.Tensor:
+        """Dense treatment vector ``(1, n_components)`` of a label and dose, checked."""
+        idx, doses = self.treatment_encoder.encode_one(str(treatment), dose)
+        device = self.module.device
+        with torch.inference_mode():
+            return self.module.treatment_vector(
+                torch.as_tensor(idx, device=device), torch.as_tensor(doses, device=device).float()
+            )
+
+    @torch.inference_mode()
+    def counterfactual_latents(
+        self,
+        outputs: dict,
+        treatment: str,
+        dose: float | str | None = None,
+        mode: Literal["prior", "sample", "abduction"] = "abduction",
+    ) -> dict[str, torch.Tensor]:
+        """Latent blocks of a minibatch's cells had they received ``treatment`` at ``dose``.
+
+        Parameters
+        ----------
+        outputs
+            One minibatch from :meth:`inference_batches`.
+        treatment, dose, mode
+            As in :meth:`predict_counterfactual`.
+
+        Returns
+        -------
+        ``{"x": ..., "t": ..., "tx": ...}``: z_x is each cell's posterior mean; z_t and z_tx
+        follow ``mode``.
+        """
+        check_mode(mode)
+        vector = self._treatment_vector(treatment, dose)
+        n = outputs["library"].shape[0]
+        return self.module.counterfactual_latents(outputs, vector.expand(n, -1), mode=mode)
+
+    @torch.inference_mode()
+    def decode(self, blocks: dict[str, torch.Tensor], outputs: dict) -> dict[str, torch.Tensor]:
+        """Expected expression of latent blocks (the decoder), for a minibatch's cells.
+
+        Parameters
+        ----------
+        blocks
+            ``{"x": z_x, "t": z_t, "tx": z_tx}``, e.g. from :meth:`counterfactual_latents`
+            or the posterior means of :meth:`inference_batches`.
+        outputs
+            The minibatch from :meth:`inference_batches` (for the cells' library sizes).
+
+        Returns
+        -------
+        ``{"mean": ...}``, expected expression on the registered data's scale (cells x
+        genes); for the negative binomial also ``"normalized"`` (counts per 10,000).
+        """
+        z = torch.cat([blocks[b] for b in LATENT_BLOCKS], -1)
+        gen = self.module.generative(z, outputs["library"])
+        result = {"mean": gen["px_mean"]}
+        if self.module.likelihood == "nb":
+            result["normalized"] = gen["px_scale"] * NORMALIZED_SCALE
+        return result
 
     def write_latents(
         self,
@@ -792,8 +923,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> model.write_latents()  # doctest: +SKIP
-        >>> sc.pp.neighbors(adata, use_rep="X_fcr_t")  # doctest: +SKIP
+        >>> import scanpy as sc
+        >>> model.write_latents()
+        >>> sc.pp.neighbors(adata, use_rep="X_fcr_t")
         """
         target = self.adata if adata is None else adata
         latent = self.get_latent_representation(
@@ -852,58 +984,189 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Examples
         --------
-        >>> controls = adata[adata.obs["drug"] == "control"].copy()  # doctest: +SKIP
-        >>> pred = model.predict_counterfactual(
-        ...     controls, treatment="drug_1", dose=1.0
-        ... )  # doctest: +SKIP
+        >>> controls = adata[adata.obs["drug"] == "control"].copy()
+        >>> pred = model.predict_counterfactual(controls, treatment="drug_1", dose=1.0)
+        >>> pred.shape == controls.shape, pred.obs["drug"].unique().tolist()
+        (True, ['drug_1'])
         """
         if treatment is None:
             raise ValueError("treatment is required: the target treatment label.")
-        encoder = self.treatment_encoder
-        target_idx, target_dose = encoder.encode_one(str(treatment), dose)
+        return self._predict([(str(treatment), dose)], adata, indices, batch_size, mode)
+
+    @torch.inference_mode()
+    def predict_grid(
+        self,
+        adata: ad.AnnData | None = None,
+        treatment: str | Sequence[str] | None = None,
+        dose: float | str | Sequence[float | str] | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        mode: Literal["prior", "sample", "abduction"] = "abduction",
+        aggregate: Literal["cells", "mean"] = "cells",
+        groupby: str | Sequence[str] | None = None,
+    ) -> ad.AnnData:
+        """Counterfactuals of the same cells for a grid of (treatment, dose) targets, in one pass.
+
+        Every treatment at every dose (the control label once, without a dose). The data are
+        checked and encoded once, and the encoder runs once per cell; only the priors and the
+        decoder run per target, so a grid costs far less than one
+        :meth:`predict_counterfactual` call per target.
+
+        Parameters
+        ----------
+        adata
+            Cells to transform (default: the training data), with the model's genes.
+        treatment
+            A target treatment label or a list of them (as in :meth:`predict_counterfactual`).
+        dose
+            A dose, a list of doses (each treatment is predicted at each), or ``None`` (1.0).
+        indices
+            Cells to use (default all).
+        batch_size
+            Cells per minibatch (default 1,024).
+        mode
+            As in :meth:`predict_counterfactual`.
+        aggregate
+            ``"cells"`` (default): one row per cell and target, the targets one after the
+            other (the rows of ``predict_counterfactual`` for each target, stacked). ``"mean"``:
+            one row per (group of ``groupby``, target), the mean expected expression of the
+            group's cells, computed without a row per cell.
+        groupby
+            obs column(s) that define the groups of ``aggregate="mean"`` (default: the
+            model's covariates, i.e. one row per context and target).
+
+        Returns
+        -------
+        AnnData with the model's genes. ``obs`` holds the target's treatment and dose (in the
+        model's treatment and dose columns), ``target`` (its number in the grid) and: per cell,
+        the cell's obs, ``source_<treatment_key>`` and ``source_cell`` (its obs name; obs names
+        are ``"<cell>-<target>"``); per group, the ``groupby`` columns and ``n_cells``. ``X``
+        and ``layers["normalized"]`` as in :meth:`predict_counterfactual`.
+
+        Examples
+        --------
+        >>> controls = adata[adata.obs["drug"] == "control"]
+        >>> grid = model.predict_grid(controls, treatment=["drug_1", "drug_2"], dose=[0.3, 1.0])
+        >>> grid.n_obs == 4 * controls.n_obs
+        True
+        >>> means = model.predict_grid(
+        ...     controls, treatment=["drug_1", "drug_2"], dose=[0.3, 1.0], aggregate="mean"
+        ... )
+        >>> means.obs[["cell_line", "drug", "dose", "n_cells"]]
+                         cell_line    drug  dose  n_cells
+        cell_line_0-0  cell_line_0  drug_1   0.3       24
+        cell_line_1-0  cell_line_1  drug_1   0.3       24
+        cell_line_0-1  cell_line_0  drug_1   1.0       24
+        cell_line_1-1  cell_line_1  drug_1   1.0       24
+        cell_line_0-2  cell_line_0  drug_2   0.3       24
+        cell_line_1-2  cell_line_1  drug_2   0.3       24
+        cell_line_0-3  cell_line_0  drug_2   1.0       24
+        cell_line_1-3  cell_line_1  drug_2   1.0       24
+        """
+        if aggregate not in ("cells", "mean"):
+            raise ValueError(f"aggregate must be 'cells' or 'mean', not {aggregate!r}.")
+        if aggregate == "cells" and groupby is not None:
+            raise ValueError("groupby is used with aggregate='mean' only.")
+        targets = grid_targets(treatment, dose, self.treatment_encoder.control)
+        return self._predict(
+            targets,
+            adata,
+            indices,
+            batch_size,
+            mode,
+            grid=True,
+            aggregate=aggregate,
+            groupby=groupby,
+        )
+
+    def _predict(
+        self,
+        targets,
+        adata,
+        indices,
+        batch_size,
+        mode,
+        grid=False,
+        aggregate="cells",
+        groupby=None,
+    ) -> ad.AnnData:
+        """Counterfactuals of ``targets`` ((label, dose) pairs) as one AnnData."""
+        check_mode(mode)
+        vectors = [self._treatment_vector(t, d) for t, d in targets]  # checks every target
         adata = self._validate_anndata(adata)
         self.module.eval()
-        loader = self._loader(adata, indices, batch_size)
-        rows = loader.indices
-        # written batch by batch into preallocated float32 arrays: the output is the only
-        # full-size copy (no list of batches, no concatenation, no cast)
-        shape = (len(rows), self.summary_stats.n_vars)
-        means = np.empty(shape, dtype=np.float32)
-        scales = np.empty(shape, dtype=np.float32) if self.module.likelihood == "nb" else None
-        start = 0
-        for tensors in loader:
-            n = tensors["X"].shape[0]
-            out = self.module.counterfactual(
-                tensors,
-                torch.as_tensor(np.repeat(target_idx, n, axis=0)),
-                torch.as_tensor(np.repeat(target_dose, n, axis=0)),
-                mode=mode,
-            )
-            means[start : start + n] = out["mean"].cpu().numpy()
-            if scales is not None:
-                scales[start : start + n] = out["scale"].cpu().numpy() * 1e4
-            start += n
-        return self._counterfactual_anndata(adata, rows, means, scales, treatment, dose, mode)
-
-    def _counterfactual_anndata(self, adata, rows, means, scales, treatment, dose, mode):
-        setup = self._setup
-        obs = setup.obs(adata, "treatment_key").iloc[rows].copy()
+        rows = self._loader(adata, indices, batch_size).indices
+        obs = self._setup.obs(adata, "treatment_key").iloc[rows]
         obs = obs.loc[:, [c for c in obs.columns if not str(c).startswith("_scvi")]]
-        obs[f"source_{self.treatment_key}"] = obs.get(self.treatment_key)
-        obs[self.treatment_key] = pd.Categorical([str(treatment)] * len(obs))
-        is_control = str(treatment) == self.treatment_encoder.control
-        if dose is None:
-            dose = 0.0 if is_control else 1.0
-        if self.dose_key is not None:
-            obs[self.dose_key] = dose
-        genes = setup.expression_data(adata).var_names
-        result = ad.AnnData(X=means, obs=obs, var=pd.DataFrame(index=genes.copy()))
+        groups, values, keys = None, None, []
+        if aggregate == "mean":
+            keys = self.covariate_keys if groupby is None else as_key_list(groupby)
+            frame = self._group_columns(adata, keys).iloc[rows]
+            groups, values = group_codes(frame)
+        batches = self._batches(adata, indices, batch_size)
+        n_groups = 0 if values is None else len(values)
+        means, scales = counterfactual_expression(
+            self.module, batches, vectors, mode, len(rows), groups, n_groups
+        )
+        if aggregate == "mean":
+            counts = np.bincount(groups, minlength=n_groups)
+            names = ["|".join(group) or "all" for group in values]
+            # the groups' own treatment / dose columns become source_<column>, as per cell
+            targets_columns = (self.treatment_key, self.dose_key)
+            columns = [f"source_{k}" if k in targets_columns else k for k in keys]
+            obs = pd.DataFrame(values, columns=columns, index=names).astype("category")
+            obs["n_cells"] = counts
+        frames = [self._target_obs(obs, t, d, k, grid) for k, (t, d) in enumerate(targets)]
+        obs = pd.concat(frames)
+        labels = list(dict.fromkeys(t for t, _ in targets))
+        obs[self.treatment_key] = pd.Categorical(obs[self.treatment_key], categories=labels)
+        result = ad.AnnData(
+            X=means.reshape(-1, means.shape[-1]),
+            obs=obs,
+            var=pd.DataFrame(index=self._setup.expression_data(adata).var_names.copy()),
+        )
         if scales is not None:  # counts per 10,000
-            result.layers["normalized"] = scales
-        result.uns["fcr_counterfactual"] = {
-            "treatment": str(treatment),
-            "dose": str(dose),
-            "mode": mode,
-            "likelihood": self.module.likelihood,
-        }
+            result.layers["normalized"] = scales.reshape(-1, scales.shape[-1])
+        if grid:
+            described = {"targets": [[t, str(self._dose_of(t, d))] for t, d in targets]}
+            described["aggregate"] = aggregate
+        else:
+            treatment, dose = targets[0]
+            described = {"treatment": treatment, "dose": str(self._dose_of(treatment, dose))}
+        described.update(mode=mode, likelihood=self.module.likelihood)
+        result.uns["fcr_counterfactual"] = described
         return result
+
+    def _dose_of(self, treatment: str, dose):
+        """The dose recorded for a target: 0 for the control, 1.0 when not given."""
+        if dose is None:
+            return 0.0 if treatment == self.treatment_encoder.control else 1.0
+        return dose
+
+    def _target_obs(self, obs: pd.DataFrame, treatment: str, dose, k: int, grid: bool):
+        """obs of one target's rows: the source rows' obs, the target and where it came from."""
+        obs = obs.copy()
+        per_cell = "n_cells" not in obs.columns
+        if per_cell:
+            obs[f"source_{self.treatment_key}"] = obs.get(self.treatment_key)
+        obs[self.treatment_key] = treatment
+        if self.dose_key is not None:
+            obs[self.dose_key] = self._dose_of(treatment, dose)
+        if grid:
+            obs["target"] = k
+            if per_cell:
+                obs["source_cell"] = obs.index.astype(str)
+            obs.index = obs.index.astype(str) + f"-{k}"
+        return obs
+
+    def _group_columns(self, adata, keys: list[str]) -> pd.DataFrame:
+        """The obs columns ``keys`` of (validated) ``adata``, for grouping."""
+        setup = self._setup
+        columns = {}
+        for key in keys:
+            argument = "covariate_keys" if key in self.covariate_keys else "treatment_key"
+            where = setup.obs(adata, argument)
+            if key not in where.columns:
+                raise KeyError(f"Column {key!r} (groupby) not found in adata.obs.")
+            columns[key] = np.asarray(where[key], dtype=object)
+        return pd.DataFrame(columns, index=setup.obs(adata, "treatment_key").index)

@@ -32,6 +32,7 @@ from ._nn import (
     InteractionEmbedding,
     SkipDecoder,
 )
+from ._objective import LossWeights, with_loss_weights
 from ._treatments import dense_treatment
 
 _MIN_SCALE = 1e-2
@@ -439,19 +440,14 @@ class FCRModule(BaseModuleClass):
         logits = self.permutation_logits(inference_outputs, groups, n_groups, detach=True)
         return _permutation_bce(logits, fool=False)
 
+    @with_loss_weights
     def loss(
         self,
         tensors: dict[str, torch.Tensor],
         inference_outputs: dict,
         generative_outputs: dict,
         kl_weight: float = 1.0,
-        reconstruction_weight: float = 1.0,
-        control_weight: float = 1.0,
-        aggregate_kl_weight: float = 1.0,
-        covariate_classifier_weight: float = 1.0,
-        treatment_classifier_weight: float = 1.0,
-        similarity_weight: float = 1.0,
-        adversarial_weight: float = 1.0,
+        **weights: float,
     ) -> FCRLossOutput:
         """The FCR objective for one minibatch.
 
@@ -462,11 +458,27 @@ class FCRModule(BaseModuleClass):
         negative ELBO); the partners' terms are in ``partner_metrics`` (see
         ``FCRLossOutput``).
 
+        Parameters
+        ----------
+        tensors
+            The minibatch.
+        inference_outputs, generative_outputs
+            Outputs of :meth:`inference` and :meth:`generative` on it.
+        kl_weight
+            Weight of the KL terms (the training plan's, with its warm-up).
+        {loss weights}
+
+        Returns
+        -------
+        FCRLossOutput
+            The loss, the per-cell terms and the metrics.
+
         Examples
         --------
         >>> _, _, loss_output = module(tensors, loss_kwargs={"kl_weight": 0.1})  # doctest: +SKIP
         >>> loss_output.extra_metrics["discriminator_accuracy"]  # doctest: +SKIP
         """
+        w = LossWeights(**weights)  # checked, defaults for those not given
         out = inference_outputs
         b = out["n_primary"]
         paired = out["z"].shape[0] > b
@@ -485,22 +497,22 @@ class FCRModule(BaseModuleClass):
         rec_cell, kl_cell = nll[:b], kl[:b]
         rec_total, kl_total = rec_cell, kl_cell  # per cell: its own terms plus its partner's
         partner_metrics = {}
-        if paired and control_weight > 0:
-            rec_total = rec_total + control_weight * nll[b:]
-            kl_total = kl_total + control_weight * kl[b:]
+        if paired and w.control_weight > 0:
+            rec_total = rec_total + w.control_weight * nll[b:]
+            kl_total = kl_total + w.control_weight * kl[b:]
             rec_partner, kl_partner = nll[b:].mean().detach(), kl[b:].mean().detach()
             partner_metrics = {
                 "reconstruction_loss_partner": rec_partner,
                 "kl_local_partner": kl_partner,
                 "elbo_partner": rec_partner + kl_partner,
             }
-        loss = reconstruction_weight * rec_total.mean() + kl_weight * kl_total.mean()
+        loss = w.reconstruction_weight * rec_total.mean() + kl_weight * kl_total.mean()
         metrics = {"nll_cell": rec_cell.mean().detach(), "kl_cell": kl_cell.mean().detach()}
 
-        need_groups = aggregate_kl_weight > 0 or adversarial_weight > 0
+        need_groups = w.aggregate_kl_weight > 0 or w.adversarial_weight > 0
         groups, n_groups = self._groups(out) if need_groups else (None, 0)
 
-        if aggregate_kl_weight > 0:
+        if w.aggregate_kl_weight > 0:
             agg = 0.0
             for k in ("x", "t", "tx"):
                 q_m, q_v = moment_matched(
@@ -510,43 +522,43 @@ class FCRModule(BaseModuleClass):
                     out[f"pz_{k}"].loc, out[f"pz_{k}"].scale ** 2, groups, n_groups
                 )
                 agg = agg + gaussian_kl(q_m, q_v, p_m, p_v).mean()
-            loss = loss + aggregate_kl_weight * kl_weight * agg
+            loss = loss + w.aggregate_kl_weight * kl_weight * agg
             metrics["aggregate_kl"] = agg.detach()
 
-        if covariate_classifier_weight > 0 and self.covariate_classifiers:
+        if w.covariate_classifier_weight > 0 and self.covariate_classifiers:
             ce = sum(
                 F.cross_entropy(clf(out["z_x"]), out["covs"][:, i])
                 for i, clf in enumerate(self.covariate_classifiers)
             ) / len(self.covariate_classifiers)
-            loss = loss + covariate_classifier_weight * ce
+            loss = loss + w.covariate_classifier_weight * ce
             metrics["covariate_ce"] = ce.detach()
 
-        if treatment_classifier_weight > 0:
+        if w.treatment_classifier_weight > 0:
             labels = tensors[TREATMENT_KEY].reshape(-1).long()
             if paired:
                 labels = torch.cat([labels, torch.full_like(labels, self.control_code)])
             logits = self.treatment_classifier(torch.cat([out["z_t"], out["z_tx"]], -1))
             ce = F.cross_entropy(logits, labels)
-            loss = loss + treatment_classifier_weight * ce
+            loss = loss + w.treatment_classifier_weight * ce
             metrics["treatment_ce"] = ce.detach()
 
-        if similarity_weight > 0 and paired:
+        if w.similarity_weight > 0 and paired:
             treated = (out["t_dose"][:b] > 0).any(-1)
             mean_x, mean_t = out["qz_x"].loc, out["qz_t"].loc
             sim = F.cosine_similarity(mean_t[:b], mean_t[b:], dim=-1) - F.cosine_similarity(
                 mean_x[:b], mean_x[b:], dim=-1
             )
             sim = _masked_mean(sim, treated)
-            loss = loss + similarity_weight * sim
+            loss = loss + w.similarity_weight * sim
             metrics["similarity"] = sim.detach()
 
-        if adversarial_weight > 0:
+        if w.adversarial_weight > 0:
             logits = self.permutation_logits(out, groups, n_groups)
             fool, _ = _permutation_bce(logits, fool=True)
             _, accuracy = _permutation_bce(
                 {k: tuple(v.detach() for v in val) for k, val in logits.items()}, fool=False
             )
-            loss = loss + adversarial_weight * fool
+            loss = loss + w.adversarial_weight * fool
             metrics["adversarial"] = fool.detach()
             metrics["discriminator_accuracy"] = accuracy
 

@@ -45,6 +45,16 @@ class MLP(nn.Sequential):
         layers.append(nn.Linear(width, n_output))
         super().__init__(*layers)
 
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer's output (the inputs when there is no hidden layer)."""
+        for layer in list(self)[:-1]:
+            inputs = layer(inputs)
+        return inputs
+
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        """The final linear map: ``readout(features(x)) == forward(x)``."""
+        return self[-1](features)
+
 
 class GaussianHead(nn.Module):
     """MLP returning the mean and variance of a diagonal Gaussian."""
@@ -107,9 +117,17 @@ class AdditiveDecoder(nn.Module):
         self.output = nn.Linear(n_hidden * len(self.block_sizes), n_output)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.features(z))
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """The blocks' last hidden features, concatenated (the output is linear in them)."""
         parts = torch.split(z, self.block_sizes, dim=-1)
         hidden = [self.activation(net(part)) for net, part in zip(self.blocks, parts, strict=True)]
-        return self.output(torch.cat(hidden, dim=-1))
+        return torch.cat(hidden, dim=-1)
+
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        """The final linear map of :meth:`features`."""
+        return self.output(features)
 
 
 class InteractionEmbedding(nn.Module):
@@ -186,3 +204,14 @@ class SkipDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.mlp(z) + self.linear(z)
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """The MLP's last hidden features and the blocks themselves (the output is linear in
+        them)."""
+        return torch.cat([self.mlp.features(z), z], dim=-1)
+
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        """The final linear map of :meth:`features`."""
+        n_hidden = features.shape[-1] - self.linear.in_features
+        hidden, z = features.split([n_hidden, self.linear.in_features], dim=-1)
+        return self.mlp.readout(hidden) + self.linear(z)

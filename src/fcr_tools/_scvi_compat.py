@@ -15,7 +15,6 @@ Checked against scvi-tools 1.4.2 (Python 3.11) and 1.5.1 (Python 3.12).
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping
 
@@ -31,7 +30,6 @@ from scvi.data._constants import (
     _STATE_REGISTRY_KEY,
 )
 from scvi.dataloaders import BatchDistributedSampler
-from scvi.train import TrainingPlan
 
 __all__ = [
     "MODEL_FILE",
@@ -42,7 +40,6 @@ __all__ = [
     "forget_instance_manager",
     "forget_setup_manager",
     "instance_manager",
-    "log_metrics_without_inference_mode",
     "obs_column",
     "portable_history",
     "read_model_file",
@@ -171,19 +168,6 @@ def forget_setup_manager(model_cls: type, uuid: str) -> None:
     alive for the session; a model that registered a stand-in with itself drops it there.
     """
     model_cls._setup_adata_manager_store.pop(uuid, None)
-
-
-# ---------------------------------------------------------------------------- training
-def log_metrics_without_inference_mode(plan: TrainingPlan, loss_output, metrics, mode: str):
-    """Run scvi-tools' ``TrainingPlan.compute_and_log_metrics`` without its inference mode.
-
-    scvi-tools decorates ``compute_and_log_metrics`` with ``torch.inference_mode()``; metric
-    states created in inference mode cannot be synchronised between DDP processes. This calls
-    the undecorated function (``inspect.unwrap``: its ``__wrapped__``, or the function itself
-    should a release drop the decorator); the caller supplies ``torch.no_grad()``.
-    """
-    function = inspect.unwrap(TrainingPlan.compute_and_log_metrics)
-    return function(plan, loss_output, metrics, mode)
 
 
 # ---------------------------------------------------------------------------- saved models

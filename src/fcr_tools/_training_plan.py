@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 from contextlib import contextmanager
+from functools import partial
 
-import numpy as np
 import torch
 from scvi.train import TrainingPlan
 
 from ._module import FCRModule
-from ._scvi_compat import log_metrics_without_inference_mode
+from ._objective import LossWeights, with_loss_weights
 
 _ADVICE = (
     "Try a lower learning rate (plan_kwargs={'lr': ...}), gradient clipping "
@@ -19,43 +18,8 @@ _ADVICE = (
     "data match the likelihood (log-normalised for 'gaussian', raw counts for 'nb')."
 )
 
-LOSS_WEIGHTS = (
-    "reconstruction_weight",
-    "control_weight",
-    "aggregate_kl_weight",
-    "covariate_classifier_weight",
-    "treatment_classifier_weight",
-    "similarity_weight",
-    "adversarial_weight",
-)
 
-
-def _checked_weight(name: str, value) -> float:
-    """A loss weight as a float: any finite real number >= 0 (numpy scalars too), not a bool.
-
-    Parameters
-    ----------
-    name
-        The weight's argument name, for the error message.
-    value
-        The weight given.
-
-    Returns
-    -------
-    float
-        ``value`` as a Python float.
-
-    Raises
-    ------
-    ValueError
-        For a bool, a non-number, a complex number, NaN, an infinite or a negative value.
-    """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-    if not (ok and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}.")
-    return float(value)
-
-
+@with_loss_weights
 class FCRTrainingPlan(TrainingPlan):
     """Lightning module that trains an :class:`~fcr_tools.FCRModule`.
 
@@ -76,10 +40,10 @@ class FCRTrainingPlan(TrainingPlan):
     - ``elbo_partner``, ``reconstruction_loss_partner``, ``kl_local_partner``: the same for
       the control partners, unweighted (the objective adds ``control_weight`` times them);
       not logged when ``control_weight`` is 0.
-    - ``nll_cell``, ``kl_cell``, ``aggregate_kl``, ``covariate_ce``, ``treatment_ce``,
-      ``similarity``, ``adversarial``: each term of the objective, unweighted (``nll_cell``
-      and ``kl_cell`` equal ``reconstruction_loss`` and ``kl_local``); a term with weight 0
-      is not logged.
+    - ``nll_cell``, ``kl_cell`` and the metrics named under each weight below
+      (``aggregate_kl``, ``covariate_ce``, ..., ``adversarial``): each term of the objective,
+      unweighted (``nll_cell`` and ``kl_cell`` equal ``reconstruction_loss`` and
+      ``kl_local``); a term with weight 0 is not logged.
     - ``discriminator_accuracy`` (0.5: the discriminators are fooled) and
       ``discriminator_loss_train``, the discriminators' own loss (training only).
 
@@ -111,20 +75,7 @@ class FCRTrainingPlan(TrainingPlan):
     n_epochs_kl_warmup, n_steps_kl_warmup, max_kl_weight, min_kl_weight
         KL warm-up as in :class:`scvi.train.TrainingPlan`; ``max_kl_weight`` is the weight of
         the KL terms.
-    reconstruction_weight
-        Weight of the reconstruction negative log-likelihood.
-    control_weight
-        Weight of the control partner's reconstruction and KL, relative to the cell's.
-    aggregate_kl_weight
-        Weight of the per-condition (moment-matched) KL.
-    covariate_classifier_weight
-        Weight of the covariate classifiers on z_x.
-    treatment_classifier_weight
-        Weight of the treatment classifier on (z_t, z_tx).
-    similarity_weight
-        Weight of the similarity term cos(z_t, z_t0) - cos(z_x, z_x0).
-    adversarial_weight
-        Weight of the encoder's loss against the permutation discriminators.
+    {loss weights}
     **kwargs
         Other :class:`scvi.train.TrainingPlan` arguments.
 
@@ -153,21 +104,16 @@ class FCRTrainingPlan(TrainingPlan):
         n_steps_kl_warmup: int | None = None,
         max_kl_weight: float = 1.0,
         min_kl_weight: float = 0.0,
-        reconstruction_weight: float = 1.0,
-        control_weight: float = 1.0,
-        aggregate_kl_weight: float = 1.0,
-        covariate_classifier_weight: float = 1.0,
-        treatment_classifier_weight: float = 1.0,
-        similarity_weight: float = 1.0,
-        adversarial_weight: float = 1.0,
         **kwargs,
     ):
-        given = {name: value for name, value in locals().items() if name in LOSS_WEIGHTS}
-        weights = {name: _checked_weight(name, value) for name, value in given.items()}
+        # the weights arrive in kwargs; the signature names them (see with_loss_weights)
+        weights = LossWeights.pop_from(kwargs)
         if n_discriminator_steps < 0:
             raise ValueError("n_discriminator_steps must be >= 0.")
         if max_loss_ratio is not None and not max_loss_ratio > 1:
             raise ValueError(f"max_loss_ratio must be > 1 or None, got {max_loss_ratio!r}.")
+        if kwargs.get("on_step"):
+            raise ValueError("on_step=True is not supported: FCRTrainingPlan logs epoch means.")
         if kwargs.get("reduce_lr_on_plateau"):
             raise ValueError("reduce_lr_on_plateau is not supported by FCRTrainingPlan.")
         super().__init__(
@@ -179,7 +125,7 @@ class FCRTrainingPlan(TrainingPlan):
             n_steps_kl_warmup=n_steps_kl_warmup,
             max_kl_weight=max_kl_weight,
             min_kl_weight=min_kl_weight,
-            **weights,
+            **weights.as_kwargs(),
             **kwargs,
         )
         self.discriminator_lr = discriminator_lr
@@ -187,6 +133,8 @@ class FCRTrainingPlan(TrainingPlan):
         self.gradient_clip_val = gradient_clip_val
         self.max_loss_ratio = max_loss_ratio
         self._first_loss: float | None = None
+        self._epoch_sums: dict[str, dict[str, tuple]] = {}
+        self._epoch_kl_weight: float | None = None
         self.automatic_optimization = False
 
     @property
@@ -253,36 +201,83 @@ class FCRTrainingPlan(TrainingPlan):
             ) from err
 
     def validation_step(self, batch, batch_idx):
-        """scvi-tools' validation step, with a clear error if the weights diverged."""
+        """The objective on a validation minibatch, recorded for the epoch's means."""
         with self._diverged_as_error("validation"):
-            return super().validation_step(batch, batch_idx)
+            _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        self._record("validation", loss_output.loss, loss_output)
 
-    def compute_and_log_metrics(self, loss_output, metrics, mode: str):
-        """Log the loss terms as scvi-tools does, then the control partners' terms.
-
-        scvi-tools' ``elbo_*``, ``reconstruction_loss_*`` and ``kl_local_*`` are the cells'
-        own; the partners' are logged as ``reconstruction_loss_partner_*``,
-        ``kl_local_partner_*`` and ``elbo_partner_*``. All under ``no_grad`` instead of
-        inference mode: metrics created in inference mode cannot be synchronised between DDP
-        processes.
-        """
+    def _record(self, mode: str, loss: torch.Tensor, loss_output) -> None:
+        """Add one minibatch's terms to the epoch's running sums (on the device, no logging)."""
+        n = float(loss_output.n_obs_minibatch)
+        add = partial(self._add, mode)
         with torch.no_grad():
-            log_metrics_without_inference_mode(self, loss_output, metrics, mode)
-            for key, value in getattr(loss_output, "partner_metrics", {}).items():
-                self.log(
-                    f"{key}_{mode}",
-                    value,
-                    on_step=self.on_step,
-                    on_epoch=self.on_epoch,
-                    batch_size=loss_output.n_obs_minibatch,
-                    sync_dist=self.use_sync_dist,
-                )
+            add(f"{mode}_loss", loss.detach() * n, n)
+            add("reconstruction_loss", loss_output.reconstruction_loss_sum.detach(), n)
+            add("kl_local", loss_output.kl_local_sum.detach(), n)
+            add("kl_global", torch.as_tensor(loss_output.kl_global_sum).detach(), 1.0)
+            terms = {**loss_output.extra_metrics, **getattr(loss_output, "partner_metrics", {})}
+            for key, value in terms.items():
+                add(key, torch.as_tensor(value).detach() * n, n)
+
+    def _add(self, mode: str, name: str, total: torch.Tensor, weight: float) -> None:
+        """Add ``total`` (a sum over ``weight`` cells or batches) to the epoch's running sum."""
+        sums = self._epoch_sums.setdefault(mode, {})
+        value, seen = sums.get(name, (0.0, 0.0))
+        sums[name] = (value + total, seen + weight)
+
+    def _log_epoch_means(self, mode: str) -> None:
+        """Log the epoch's weighted means of every recorded term, once (all processes').
+
+        The names and values are scvi-tools' epoch-level ones: ``elbo_<mode>``,
+        ``reconstruction_loss_<mode>``, ``kl_local_<mode>``, ``kl_global_<mode>``, and each
+        extra metric as ``<name>_<mode>``, all weighted by minibatch size; plus
+        ``train_loss`` / ``validation_loss``. One reduction over processes under DDP.
+        """
+        sums = self._epoch_sums.pop(mode, None)
+        if not sums:
+            return
+        names = list(sums)
+        totals = torch.stack([torch.as_tensor(sums[k][0], dtype=torch.float32) for k in names])
+        weights = torch.tensor([sums[k][1] for k in names], device=totals.device)
+        if self.use_sync_dist:
+            both = self.trainer.strategy.reduce(torch.stack([totals, weights]), reduce_op="sum")
+            totals, weights = both[0], both[1]
+        means = dict(zip(names, totals / weights, strict=True))
+        n_total = self.n_obs_training if mode == "train" else self.n_obs_validation
+        means["elbo"] = (
+            means["reconstruction_loss"]
+            + means["kl_local"]
+            + means["kl_global"] / max(n_total or 1, 1)
+        )
+        for key, value in means.items():
+            name = key if key == f"{mode}_loss" else f"{key}_{mode}"
+            self.log(name, value, on_step=False, on_epoch=True, prog_bar=key == "train_loss")
+
+    def on_train_epoch_start(self) -> None:
+        """Start the epoch's running sums afresh."""
+        self._epoch_sums.pop("train", None)
+
+    def on_train_epoch_end(self) -> None:
+        """Log the training terms' epoch means, and the KL weight of the epoch's last step."""
+        self._log_epoch_means("train")
+        if self._epoch_kl_weight is not None:
+            self.log("kl_weight", float(self._epoch_kl_weight), on_step=False, on_epoch=True)
+        super().on_train_epoch_end()
+
+    def on_validation_epoch_start(self) -> None:
+        """Start the validation sums afresh (the sanity check's are discarded)."""
+        self._epoch_sums.pop("validation", None)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation terms' epoch means (before early stopping reads them)."""
+        self._log_epoch_means("validation")
+        super().on_validation_epoch_end()
 
     def training_step(self, batch, batch_idx):
         """One autoencoder update, then the discriminator updates."""
         kl_weight = self.kl_weight
         self.loss_kwargs.update({"kl_weight": kl_weight})
-        self.log("kl_weight", kl_weight, on_step=True, on_epoch=False)
+        self._epoch_kl_weight = kl_weight  # logged at the epoch's end (its last step's)
         opt_ae, opt_disc = self._optimizers()
 
         with self._diverged_as_error("training"):
@@ -295,15 +290,7 @@ class FCRTrainingPlan(TrainingPlan):
             self.clip_gradients(opt_ae, gradient_clip_val=self.gradient_clip_val)
         opt_ae.step()
 
-        self.log(
-            "train_loss",
-            loss.detach(),
-            on_step=self.on_step,
-            on_epoch=self.on_epoch,
-            prog_bar=True,
-            sync_dist=self.use_sync_dist,
-        )
-        self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
+        self._record("train", loss, loss_output)
 
         if opt_disc is not None and self._train_discriminators:
             for _ in range(self.n_discriminator_steps):
@@ -315,11 +302,6 @@ class FCRTrainingPlan(TrainingPlan):
                 if self.gradient_clip_val is not None:
                     self.clip_gradients(opt_disc, gradient_clip_val=self.gradient_clip_val)
                 opt_disc.step()
-            self.log(
-                "discriminator_loss_train",
-                disc_loss.detach(),
-                on_step=self.on_step,
-                on_epoch=self.on_epoch,
-                sync_dist=self.use_sync_dist,
-            )
+            n = float(loss_output.n_obs_minibatch)
+            self._add("train", "discriminator_loss", disc_loss.detach() * n, n)
         return loss.detach()

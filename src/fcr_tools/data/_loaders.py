@@ -1,19 +1,14 @@
 """Loaders of the paper's real data sets: sciPlex3 and McFarland et al. (MIX-Seq).
 
 Each loader reads a local h5ad file, or downloads the scPerturb release of the data set once
-into a cache folder (checked by SHA-256), renames the columns FCR needs to ``cell_line``,
+into a cache folder with :mod:`pooch`, renames the columns FCR needs to ``cell_line``,
 ``drug`` and ``dose``, optionally selects cells, and applies the preprocessing recipe
 :func:`fcr_tools.pp.prepare_screen`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +16,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pooch
 
 from ..pp import prepare_screen
 from ..pp._recipe import CONTROL_LABELS
@@ -31,18 +27,26 @@ SCIPLEX3_URL = (
     "https://zenodo.org/records/13350497/files/SrivatsanTrapnell2020_sciplex3.h5ad?download=1"
 )
 MCFARLAND_URL = "https://zenodo.org/records/10044268/files/McFarlandTsherniak2020.h5ad?download=1"
-_CHUNK = 1 << 20
+# a failed or corrupt download is tried this many more times (pooch waits 1 s, 2 s, ...)
+_RETRIES = 2
 
 
 @dataclass(frozen=True)
 class _Format:
-    """Where a data set keeps what FCR needs (first column found wins)."""
+    """Where a data set keeps what FCR needs (first column found wins), and its file."""
 
     name: str
     filename: str
     treatment: tuple[str, ...]
     cell_line: tuple[str, ...]
     dose: tuple[str, ...]
+    # Hash of the file at the default URL, in pooch's format ("sha256:<hex>" or
+    # "md5:<hex>"). None: not known. fcr_tools 0.1 recorded the SHA-256 of each user's
+    # first download instead of shipping it, and the files (1.5 and 2.5 GB) have not been
+    # hashed where fcr_tools is developed, which has no access to Zenodo. Until the hashes
+    # are filled in (Zenodo lists an MD5 per file of the record), downloads are not
+    # checked unless ``checksum=`` is given.
+    known_hash: str | None
 
 
 _SCIPLEX3 = _Format(
@@ -51,6 +55,7 @@ _SCIPLEX3 = _Format(
     treatment=("perturbation", "product_name", "drug", "treatment"),
     cell_line=("cell_line", "cell_type"),
     dose=("dose_value", "dose"),
+    known_hash=None,
 )
 _MCFARLAND = _Format(
     name="McFarland et al. 2020",
@@ -58,6 +63,7 @@ _MCFARLAND = _Format(
     treatment=("perturbation", "drug", "treatment"),
     cell_line=("cell_line", "DepMap_ID", "singlet_ID"),
     dose=("dose_value", "dose"),
+    known_hash=None,
 )
 
 
@@ -67,54 +73,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FCR_TOOLS_CACHE", Path.home() / ".cache" / "fcr_tools"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _verify(path: Path, checksum: str | None) -> None:
-    """Check ``path`` against ``checksum``, or against / into its ``.sha256`` sidecar."""
-    sidecar = path.with_name(path.name + ".sha256")
-    expected = checksum or (sidecar.read_text().split()[0] if sidecar.exists() else None)
-    actual = _sha256(path)
-    if expected is None:
-        sidecar.write_text(f"{actual}  {path.name}\n")
-        return
+def _check_local(fmt: _Format, path: Path, checksum: str) -> None:
+    """Compare the hash of a local file with ``checksum`` (pooch's format)."""
+    algorithm, _, expected = checksum.rpartition(":")
+    actual = pooch.file_hash(str(path), alg=algorithm or "sha256")
     if actual.lower() != expected.lower():
         raise ValueError(
-            f"Checksum mismatch for {path}: SHA-256 {actual}, expected {expected}. The file is "
-            "corrupt or was changed; delete it (and its .sha256 file) to download it again."
+            f"{fmt.name}: checksum mismatch for {path}: {algorithm or 'sha256'} {actual}, "
+            f"expected {expected}. The file is corrupt or another version of the data set."
         )
-    if not sidecar.exists():
-        sidecar.write_text(f"{actual}  {path.name}\n")
-
-
-def _download(url: str, target: Path, progress: bool) -> None:
-    partial = target.with_name(target.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0)
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=target.name)
-            for block in iter(lambda: response.read(_CHUNK), b""):
-                out.write(block)
-                if bar is not None:
-                    bar.update(len(block))
-            if bar is not None:
-                bar.close()
-    except (urllib.error.URLError, OSError) as err:
-        partial.unlink(missing_ok=True)
-        raise ConnectionError(
-            f"Could not download {url} ({err}). Without a network, download the file "
-            "elsewhere and pass path=... to read the local copy."
-        ) from err
-    shutil.move(partial, target)
 
 
 def _fetch(
@@ -131,17 +98,29 @@ def _fetch(
         if not path.exists():
             raise FileNotFoundError(f"{fmt.name}: no such file {path}.")
         if checksum is not None:
-            _verify(path, checksum)
+            _check_local(fmt, path, checksum)
         return path
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / fmt.filename
-    if not target.exists():
-        if progress:
-            print(f"Downloading {fmt.name} from {url} to {target}", file=sys.stderr)
-        _download(url, target, progress)
-    _verify(target, checksum)
-    return target
+    known_hash = checksum if checksum is not None else fmt.known_hash
+    # pooch downloads into a temporary file, checks its hash, then moves it into the
+    # cache; a cached file whose hash does not match is downloaded again
+    fetcher = pooch.create(
+        path=cache,
+        base_url="",
+        registry={fmt.filename: known_hash},
+        urls={fmt.filename: url},
+        retry_if_failed=_RETRIES,
+    )
+    try:
+        return Path(fetcher.fetch(fmt.filename, progressbar=progress))
+    except ValueError as err:  # hash mismatch, URL pooch cannot download
+        raise ValueError(f"{fmt.name}: {err}") from err
+    except OSError as err:  # requests' errors are OSErrors
+        raise ConnectionError(
+            f"Could not download {url} ({err}). Without a network, download the file "
+            "elsewhere and pass path=... to read the local copy."
+        ) from err
 
 
 # ------------------------------------------------------------------ columns
@@ -257,10 +236,13 @@ def sciplex3(
     cache_dir
         Download folder (default ``$FCR_TOOLS_CACHE`` or ``~/.cache/fcr_tools``).
     url
-        Where to download from.
+        Where to download from (``http(s)://``, ``ftp://``, ``sftp://`` or ``doi:``).
     checksum
-        Expected SHA-256 of the file. ``None``: the checksum of the first download is
-        written next to it (``<file>.sha256``) and every later load is verified against it.
+        Expected hash of the file: a SHA-256 hex digest, or ``"md5:<hex>"`` /
+        ``"sha256:<hex>"``. A download that does not match is refused, a cached file that
+        does not match is downloaded again, and a local ``path`` that does not match raises.
+        ``None``: the hash fixed in fcr_tools for the default URL, which is not known yet,
+        so the download is not checked (see ``docs/data.md``).
     cell_lines
         Keep these cell lines only.
     treatments
@@ -331,10 +313,9 @@ def mcfarland(
     cache_dir
         Download folder (default ``$FCR_TOOLS_CACHE`` or ``~/.cache/fcr_tools``).
     url
-        Where to download from.
+        Where to download from (``http(s)://``, ``ftp://``, ``sftp://`` or ``doi:``).
     checksum
-        Expected SHA-256 of the file; ``None`` records it on the first download and verifies
-        later loads against it.
+        Expected hash of the file, as in :func:`sciplex3`.
     time
         Keep the cells of this time point (``obs["time"]``); ``None`` keeps all (then
         responses at different times share one treatment label).

@@ -325,6 +325,217 @@ def _resolve_holdout(
 
 
 # --------------------------------------------------------------------------------------
+# the laws of simulate_screen, in the order they draw from its generator
+# --------------------------------------------------------------------------------------
+# Every function below that takes ``rng`` draws from it; simulate_screen calls them in a
+# fixed order, which is what makes a seed reproduce the same screen.
+def _combination_parts(
+    combinations: Sequence[tuple[str, str] | str], drugs: list[str]
+) -> list[tuple[str, str]]:
+    """Validated, de-duplicated drug pairs of ``combinations``."""
+    parts: list[tuple[str, str]] = []
+    for combo in combinations:
+        if isinstance(combo, str):
+            combo = tuple(combo.split("+"))
+        if len(combo) != 2:
+            raise ValueError(f"Combination {combo!r} is not a pair of drug names.")
+        a, b = str(combo[0]), str(combo[1])
+        for name in (a, b):
+            if name not in drugs:
+                raise ValueError(f"Unknown drug {name!r} in `combinations`; drugs are {drugs}.")
+        if a == b:
+            raise ValueError(f"Combination {combo!r} combines a drug with itself.")
+        if (a, b) not in parts:
+            parts.append((a, b))
+    return parts
+
+
+def _draw_dose_response(rng: np.random.Generator, n_treatments: int) -> np.ndarray:
+    """EC50 of each drug's saturating response ``d / (d + ec50)``, log-uniform."""
+    return np.exp(rng.uniform(np.log(_EC50_RANGE[0]), np.log(_EC50_RANGE[1]), n_treatments))
+
+
+def _draw_law_x(
+    rng: np.random.Generator, n_cell_lines: int, dx: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd of ``z_x | x = c`` for each cell line."""
+    mu_x = rng.normal(0.0, _MU_X_SD, (n_cell_lines, dx))
+    sd_x = rng.uniform(*_SD_X_RANGE, (n_cell_lines, dx))
+    return mu_x, sd_x
+
+
+def _draw_law_t(
+    rng: np.random.Generator, n_treatments: int, dt: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-drug mean shifts ``M_t`` and log-sd slopes ``S_t`` of ``z_t | t``."""
+    m_t = rng.normal(0.0, _M_T_SD, (n_treatments, dt))
+    s_t = rng.uniform(*_S_T_RANGE, (n_treatments, dt))
+    return m_t, s_t
+
+
+def _draw_law_tx(
+    rng: np.random.Generator,
+    n_cell_lines: int,
+    n_treatments: int,
+    dtx: int,
+    rank: int | None,
+    sd_range: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-(cell line, drug) means ``M_tx`` and full-response sds ``sigma_tx`` of ``z_tx``.
+
+    With ``rank`` None the pairs are drawn independently; with an integer ``rank`` they are
+    bilinear in cell-line and drug factors of that dimension.
+    """
+    if rank is None:
+        m_tx = rng.normal(0.0, _M_TX_SD, (n_cell_lines, n_treatments, dtx))
+        sd_tx = rng.uniform(*sd_range, (n_cell_lines, n_treatments, dtx))
+        return m_tx, sd_tx
+    # bilinear in cell-line and drug factors; each entry has about sd 1 before scaling
+    m_raw, s_raw = (
+        np.einsum(
+            "cr,kr,rd->ckd",
+            rng.standard_normal((n_cell_lines, rank)),
+            rng.standard_normal((n_treatments, rank)),
+            rng.standard_normal((rank, dtx)),
+        )
+        / np.sqrt(rank)
+        for _ in range(2)
+    )
+    lo, hi = sd_range
+    return _M_TX_SD * m_raw, lo + (hi - lo) / (1.0 + np.exp(-1.5 * s_raw))
+
+
+def _draw_decoder(rng: np.random.Generator, n_latent: int, n_genes: int) -> dict[str, Any]:
+    """Weights of the injective decoder, before the output layer is calibrated."""
+    w1 = _random_orthogonal(rng, n_latent, n_latent)
+    b1 = rng.normal(0.0, _HIDDEN_BIAS_SD, n_latent)
+    w2 = _random_orthogonal(rng, n_latent, n_latent)
+    b2 = rng.normal(0.0, _HIDDEN_BIAS_SD, n_latent)
+    w3 = _random_orthogonal(rng, n_genes, n_latent)
+    baseline = rng.normal(0.0, _BASELINE_SD, n_genes)
+    return {
+        "w1": w1,
+        "b1": b1,
+        "w2": w2,
+        "b2": b2,
+        "w3": w3,
+        "baseline": baseline,
+        "negative_slope": _NEGATIVE_SLOPE,
+    }
+
+
+def _draw_dispersion(rng: np.random.Generator, dispersion: float, n_genes: int) -> np.ndarray:
+    """Per-gene NB inverse dispersions ``theta``, log-normal around ``dispersion``."""
+    return dispersion * np.exp(rng.normal(0.0, _THETA_LOG_SD, n_genes))
+
+
+def _calibrate_output_layer(rng: np.random.Generator, decoder: dict[str, Any]) -> None:
+    """Scale ``decoder["w3"]`` so the median per-gene logit sd over reference latents is fixed."""
+    n_latent = decoder["w1"].shape[0]
+    z_ref = rng.normal(0.0, _REFERENCE_SD, (_N_REFERENCE, n_latent))
+    a_ref = _leaky_relu(z_ref @ decoder["w1"].T + decoder["b1"], _NEGATIVE_SLOPE)
+    a_ref = _leaky_relu(a_ref @ decoder["w2"].T + decoder["b2"], _NEGATIVE_SLOPE)
+    w3 = decoder["w3"]
+    decoder["w3"] = w3 * (_LOGIT_SD_TARGET / np.median((a_ref @ w3.T).std(axis=0)))
+
+
+def _conditions(
+    model: _Model,
+    treatments: list[str],
+    doses: np.ndarray,
+    n_control_cells: int,
+    n_cells_per_condition: int,
+) -> pd.DataFrame:
+    """One row per (cell line, treatment, dose) condition: its codes and number of cells.
+
+    Columns ``cell_line`` (index), ``drug``, ``dose`` (string), ``t`` (dose vector) and
+    ``n_cells``; the controls of each cell line come first.
+    """
+    rows = []
+    for ci in range(len(model.cell_lines)):
+        rows.append((ci, CONTROL, "0", np.zeros(len(model.drugs)), n_control_cells))
+        for tr in treatments:
+            n_parts = len(tr.split("+"))
+            for d in doses:
+                dose = "+".join([_fmt_dose(d)] * n_parts)
+                rows.append((ci, tr, dose, model.dose_vector(tr, float(d)), n_cells_per_condition))
+    return pd.DataFrame(rows, columns=["cell_line", "drug", "dose", "t", "n_cells"])
+
+
+def _assign_cells(rng: np.random.Generator, n_cells: np.ndarray) -> np.ndarray:
+    """Condition of each cell, in a random order."""
+    cond_of_cell = np.repeat(np.arange(n_cells.size), n_cells)
+    cond_of_cell = cond_of_cell[rng.permutation(cond_of_cell.size)]
+    if cond_of_cell.size == 0:
+        raise ValueError("The requested design has no cells.")
+    return cond_of_cell
+
+
+def _draw_latents(
+    rng: np.random.Generator, model: _Model, c_idx: np.ndarray, h: np.ndarray, dims: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``z_x``, ``z_t``, ``z_tx`` (float32) of cells of cell lines ``c_idx``, responses ``h``."""
+    laws = (model.law_x(c_idx), model.law_t(h), model.law_tx(c_idx, h))
+    n_cells = c_idx.size
+    z_x, z_t, z_tx = (
+        (mu + sd * rng.standard_normal((n_cells, d))).astype(np.float32)
+        for (mu, sd), d in zip(laws, dims, strict=True)
+    )
+    return z_x, z_t, z_tx
+
+
+def _draw_counts(
+    rng: np.random.Generator, rho: np.ndarray, theta: np.ndarray, lib_mean: float, lib_sd: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Library sizes ``l ~ LogNormal(lib_mean, lib_sd)`` and NB counts of mean ``l * rho``."""
+    lib = np.exp(rng.normal(lib_mean, lib_sd, rho.shape[0]))
+    return lib, _sample_counts(rng, lib[:, None] * rho, theta)
+
+
+def _cell_obs(
+    conditions: pd.DataFrame,
+    cond_of_cell: np.ndarray,
+    cell_lines: list[str],
+    treatments: list[str],
+    holdout: list[tuple[str, str]],
+    lib: np.ndarray,
+    string_doses: bool,
+) -> pd.DataFrame:
+    """``obs`` of the cells: names of their condition, hold-out split and library size."""
+    cond_cl = conditions["cell_line"].to_numpy()
+    cond_drug = conditions["drug"].to_numpy(dtype=object)
+    cond_dose = conditions["dose"].to_numpy(dtype=object)
+    cl_names = np.asarray(cell_lines, dtype=object)[cond_cl[cond_of_cell]]
+    drug_names = cond_drug[cond_of_cell]
+    dose_str = cond_dose[cond_of_cell]
+    condition = [f"{c}|{d}|{s}" for c, d, s in zip(cl_names, drug_names, dose_str, strict=True)]
+    cond_cats = [
+        f"{cell_lines[c]}|{d}|{s}" for c, d, s in zip(cond_cl, cond_drug, cond_dose, strict=True)
+    ]
+    holdout_keys = {f"{cl}|{tr}" for cl, tr in holdout}
+    split = np.where(
+        [f"{c}|{d}" in holdout_keys for c, d in zip(cl_names, drug_names, strict=True)],
+        "holdout",
+        "train",
+    )
+    if string_doses:
+        dose_col = pd.Categorical(dose_str, categories=list(dict.fromkeys(cond_dose)))
+    else:
+        dose_col = np.asarray([float(s) for s in dose_str], dtype=np.float64)
+    return pd.DataFrame(
+        {
+            "cell_line": pd.Categorical(cl_names, categories=cell_lines),
+            "drug": pd.Categorical(drug_names, categories=[CONTROL, *treatments]),
+            "dose": dose_col,
+            "condition": pd.Categorical(condition, categories=cond_cats),
+            "split": pd.Categorical(split, categories=["train", "holdout"]),
+            "library_size": lib,
+        },
+        index=pd.Index([f"cell_{i}" for i in range(cond_of_cell.size)]),
+    )
+
+
+# --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
 def simulate_screen(
@@ -513,63 +724,20 @@ def simulate_screen(
 
     cell_lines = [f"cell_line_{i}" for i in range(n_cell_lines)]
     drugs = [f"drug_{k}" for k in range(n_treatments)]
-    combo_parts: list[tuple[str, str]] = []
-    for combo in combinations:
-        if isinstance(combo, str):
-            combo = tuple(combo.split("+"))
-        if len(combo) != 2:
-            raise ValueError(f"Combination {combo!r} is not a pair of drug names.")
-        a, b = str(combo[0]), str(combo[1])
-        for name in (a, b):
-            if name not in drugs:
-                raise ValueError(f"Unknown drug {name!r} in `combinations`; drugs are {drugs}.")
-        if a == b:
-            raise ValueError(f"Combination {combo!r} combines a drug with itself.")
-        if (a, b) not in combo_parts:
-            combo_parts.append((a, b))
-    combo_names = [f"{a}+{b}" for a, b in combo_parts]
-    has_combos = len(combo_names) > 0
+    combo_names = [f"{a}+{b}" for a, b in _combination_parts(combinations, drugs)]
+    rank = None
+    if interaction_rank is not None:
+        rank = _check_positive_int("interaction_rank", interaction_rank)
 
+    # ---- generative parameters (the order of the draws fixes what a seed gives) -------
     rng = np.random.default_rng(seed)
-
-    # ---- generative parameters -------------------------------------------------------
-    ec50 = np.exp(rng.uniform(np.log(_EC50_RANGE[0]), np.log(_EC50_RANGE[1]), n_treatments))
-    mu_x = rng.normal(0.0, _MU_X_SD, (n_cell_lines, dx))
-    sd_x = rng.uniform(*_SD_X_RANGE, (n_cell_lines, dx))
-    m_t = rng.normal(0.0, _M_T_SD, (n_treatments, dt))
-    s_t = rng.uniform(*_S_T_RANGE, (n_treatments, dt))
-    if interaction_rank is None:
-        m_tx = rng.normal(0.0, _M_TX_SD, (n_cell_lines, n_treatments, dtx))
-        sd_tx = rng.uniform(*sd_range, (n_cell_lines, n_treatments, dtx))
-    else:
-        r = _check_positive_int("interaction_rank", interaction_rank)
-        # bilinear in cell-line and drug factors; each entry has about sd 1 before scaling
-        m_raw, s_raw = (
-            np.einsum(
-                "cr,kr,rd->ckd",
-                rng.standard_normal((n_cell_lines, r)),
-                rng.standard_normal((n_treatments, r)),
-                rng.standard_normal((r, dtx)),
-            )
-            / np.sqrt(r)
-            for _ in range(2)
-        )
-        m_tx = _M_TX_SD * m_raw
-        lo, hi = sd_range
-        sd_tx = lo + (hi - lo) / (1.0 + np.exp(-1.5 * s_raw))
-    w1 = _random_orthogonal(rng, n_latent, n_latent)
-    b1 = rng.normal(0.0, _HIDDEN_BIAS_SD, n_latent)
-    w2 = _random_orthogonal(rng, n_latent, n_latent)
-    b2 = rng.normal(0.0, _HIDDEN_BIAS_SD, n_latent)
-    w3 = _random_orthogonal(rng, n_genes, n_latent)
-    baseline = rng.normal(0.0, _BASELINE_SD, n_genes)
-    theta = dispersion * np.exp(rng.normal(0.0, _THETA_LOG_SD, n_genes))
-    # calibrate the scale of the output layer on reference latents
-    z_ref = rng.normal(0.0, _REFERENCE_SD, (_N_REFERENCE, n_latent))
-    a_ref = _leaky_relu(z_ref @ w1.T + b1, _NEGATIVE_SLOPE)
-    a_ref = _leaky_relu(a_ref @ w2.T + b2, _NEGATIVE_SLOPE)
-    w3 = w3 * (_LOGIT_SD_TARGET / np.median((a_ref @ w3.T).std(axis=0)))
-
+    ec50 = _draw_dose_response(rng, n_treatments)
+    mu_x, sd_x = _draw_law_x(rng, n_cell_lines, dx)
+    m_t, s_t = _draw_law_t(rng, n_treatments, dt)
+    m_tx, sd_tx = _draw_law_tx(rng, n_cell_lines, n_treatments, dtx, rank, sd_range)
+    decoder = _draw_decoder(rng, n_latent, n_genes)
+    theta = _draw_dispersion(rng, dispersion, n_genes)
+    _calibrate_output_layer(rng, decoder)
     params: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "cell_lines": cell_lines,
@@ -587,105 +755,35 @@ def simulate_screen(
         "sd_tx": sd_tx,
         "sd_tx_control": _SD_TX_CONTROL,
         "interaction_strength": interaction_strength,
-        "decoder": {
-            "w1": w1,
-            "b1": b1,
-            "w2": w2,
-            "b2": b2,
-            "w3": w3,
-            "baseline": baseline,
-            "negative_slope": _NEGATIVE_SLOPE,
-        },
+        "decoder": decoder,
         "theta": theta,
         "scale_factor": SCALE_FACTOR,
         "library_size": np.array([lib_mean, lib_sd]),
     }
     model = _Model(params)
-
     holdout = _resolve_holdout(rng, n_holdout_pairs, cell_lines, drugs, combo_names)
-    holdout_keys = {f"{cl}|{tr}" for cl, tr in holdout}
 
-    # ---- conditions -> cells -----------------------------------------------------------
-    cond_cl: list[int] = []
-    cond_drug: list[str] = []
-    cond_dose: list[str] = []
-    cond_t: list[np.ndarray] = []
-    cond_n: list[int] = []
-    for ci in range(n_cell_lines):
-        cond_cl.append(ci)
-        cond_drug.append(CONTROL)
-        cond_dose.append("0")
-        cond_t.append(np.zeros(n_treatments))
-        cond_n.append(n_control_cells)
-        for tr in drugs + combo_names:
-            for d in doses_arr:
-                n_parts = len(tr.split("+"))
-                cond_cl.append(ci)
-                cond_drug.append(tr)
-                cond_dose.append("+".join([_fmt_dose(d)] * n_parts))
-                cond_t.append(model.dose_vector(tr, float(d)))
-                cond_n.append(n_cells_per_condition)
-    cond_n_arr = np.asarray(cond_n)
-    cond_of_cell = np.repeat(np.arange(len(cond_n)), cond_n_arr)
-    cond_of_cell = cond_of_cell[rng.permutation(cond_of_cell.size)]
-    n_cells = cond_of_cell.size
-    if n_cells == 0:
-        raise ValueError("The requested design has no cells.")
-
-    c_idx = np.asarray(cond_cl)[cond_of_cell]
-    t_mat = np.stack(cond_t)[cond_of_cell]
-    h = model.hill(t_mat)
-
-    # ---- latents ---------------------------------------------------------------------
-    mu, sd = model.law_x(c_idx)
-    z_x = (mu + sd * rng.standard_normal((n_cells, dx))).astype(np.float32)
-    mu, sd = model.law_t(h)
-    z_t = (mu + sd * rng.standard_normal((n_cells, dt))).astype(np.float32)
-    mu, sd = model.law_tx(c_idx, h)
-    z_tx = (mu + sd * rng.standard_normal((n_cells, dtx))).astype(np.float32)
+    # ---- cells: condition, latents, expression, counts --------------------------------
+    conditions = _conditions(
+        model, drugs + combo_names, doses_arr, n_control_cells, n_cells_per_condition
+    )
+    cond_of_cell = _assign_cells(rng, conditions["n_cells"].to_numpy())
+    c_idx = conditions["cell_line"].to_numpy()[cond_of_cell]
+    h = model.hill(np.stack(conditions["t"].to_list())[cond_of_cell])
+    z_x, z_t, z_tx = _draw_latents(rng, model, c_idx, h, (dx, dt, dtx))
     # decode the float32-rounded latents so that stored latents reproduce `expected` exactly
-    z = np.concatenate([z_x, z_t, z_tx], axis=1).astype(np.float64)
-    rho = model.rho(z)
-    expected = model.expected(rho)
+    rho = model.rho(np.concatenate([z_x, z_t, z_tx], axis=1).astype(np.float64))
+    lib, counts = _draw_counts(rng, rho, theta, lib_mean, lib_sd)
 
-    # ---- counts ----------------------------------------------------------------------
-    lib = np.exp(rng.normal(lib_mean, lib_sd, n_cells))
-    counts = _sample_counts(rng, lib[:, None] * rho, theta)
-    x_norm = _lognormalize(counts).astype(np.float32)
-    counts = counts.astype(np.float32)
-
-    # ---- obs ---------------------------------------------------------------------------
-    drug_cats = [CONTROL, *drugs, *combo_names]
-    cl_names = np.asarray(cell_lines, dtype=object)[c_idx]
-    drug_names = np.asarray(cond_drug, dtype=object)[cond_of_cell]
-    dose_str = np.asarray(cond_dose, dtype=object)[cond_of_cell]
-    condition = [f"{c}|{d}|{s}" for c, d, s in zip(cl_names, drug_names, dose_str, strict=True)]
-    cond_cats = [
-        f"{cell_lines[c]}|{d}|{s}" for c, d, s in zip(cond_cl, cond_drug, cond_dose, strict=True)
-    ]
-    split = np.where(
-        [f"{c}|{d}" in holdout_keys for c, d in zip(cl_names, drug_names, strict=True)],
-        "holdout",
-        "train",
+    obs = _cell_obs(
+        conditions,
+        cond_of_cell,
+        cell_lines,
+        drugs + combo_names,
+        holdout,
+        lib,
+        string_doses=len(combo_names) > 0,
     )
-    if has_combos:
-        dose_cats = list(dict.fromkeys(cond_dose))
-        dose_col = pd.Categorical(dose_str, categories=dose_cats)
-    else:
-        dose_col = np.asarray([float(s) for s in dose_str], dtype=np.float64)
-    obs = pd.DataFrame(
-        {
-            "cell_line": pd.Categorical(cl_names, categories=cell_lines),
-            "drug": pd.Categorical(drug_names, categories=drug_cats),
-            "dose": dose_col,
-            "condition": pd.Categorical(condition, categories=cond_cats),
-            "split": pd.Categorical(split, categories=["train", "holdout"]),
-            "library_size": lib,
-        },
-        index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
-    )
-    var = pd.DataFrame(index=pd.Index([f"gene_{g}" for g in range(n_genes)]))
-
     params["holdout_pairs"] = [f"{cl}|{tr}" for cl, tr in holdout]
     params["params"] = {
         "n_cell_lines": n_cell_lines,
@@ -708,19 +806,19 @@ def simulate_screen(
         "seed": int(seed) if seed is not None else -1,
     }
 
-    X = sparse.csr_matrix(x_norm) if as_sparse else x_norm
-    adata = ad.AnnData(
-        X=X,
+    x_norm = _lognormalize(counts).astype(np.float32)
+    counts = counts.astype(np.float32)
+    return ad.AnnData(
+        X=sparse.csr_matrix(x_norm) if as_sparse else x_norm,
         obs=obs,
-        var=var,
+        var=pd.DataFrame(index=pd.Index([f"gene_{g}" for g in range(n_genes)])),
         layers={
             "counts": sparse.csr_matrix(counts) if as_sparse else counts,
-            "expected": expected.astype(np.float32),
+            "expected": model.expected(rho).astype(np.float32),
         },
         obsm={"z_x_true": z_x, "z_t_true": z_t, "z_tx_true": z_tx},
         uns={UNS_KEY: params},
     )
-    return adata
 
 
 def _cell_indices(adata: ad.AnnData, indices: Any) -> np.ndarray:

@@ -175,9 +175,14 @@ def score_heldout_groups(
 
     Examples
     --------
-    >>> table = score_heldout_groups(  # doctest: +SKIP
-    ...     {"FCR": model}, adata, "drug", "cell_line", dose_key="dose"
+    >>> from fcr_tools.metrics import score_heldout_groups
+    >>> table = score_heldout_groups(
+    ...     {"FCR": model}, adata, "drug", "cell_line", dose_key="dose", min_cells=10
     ... )
+    >>> table[["cell_line", "drug", "method"]].drop_duplicates().to_numpy().tolist()
+    [['cell_line_0', 'drug_0', 'FCR']]
+    >>> table["dose"].tolist()  # one row per held-out dose
+    [0.3, 1.0]
     """
     covariates = as_key_list(covariate_keys)
     obs = adata.obs

@@ -8,18 +8,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from .._objective import LOSS_TERMS
 from ._utils import finish
 
-#: terms shown by default, in this order, when the history has them
+#: terms shown by default, in this order, when the history has them: the total loss, the cells'
+#: own reconstruction and KL, the value of each weighted term of the objective, and the
+#: discriminators' own loss and accuracy
 DEFAULT_TERMS = (
     "loss",
     "nll_cell",
     "kl_cell",
-    "aggregate_kl",
-    "covariate_ce",
-    "treatment_ce",
-    "similarity",
-    "adversarial",
+    *(term.metrics[0] for term in LOSS_TERMS if term.metrics),
     "discriminator_loss",
     "discriminator_accuracy",
 )
@@ -58,9 +57,9 @@ def history(
     keys
         Terms to show: names such as ``"loss"``, ``"kl_cell"``, ``"discriminator_accuracy"``
         (train and validation curves), or full history keys such as ``"elbo_train"``.
-        ``None``: those of ``loss``, ``nll_cell``, ``kl_cell``, ``aggregate_kl``,
-        ``covariate_ce``, ``treatment_ce``, ``similarity``, ``adversarial``,
-        ``discriminator_loss`` and ``discriminator_accuracy`` that the history has.
+        ``None``: those that the history has of ``loss``, ``nll_cell``, ``kl_cell``, the value
+        of each weighted term of the objective (``aggregate_kl``, ``covariate_ce``, ...,
+        ``adversarial``), ``discriminator_loss`` and ``discriminator_accuracy``.
     ncols
         Panels per row.
     save
@@ -76,10 +75,12 @@ def history(
     --------
     >>> import fcr_tools
     >>> model.train(max_epochs=20)  # doctest: +SKIP
-    >>> fig = fcr_tools.pl.history(model)  # doctest: +SKIP
+    >>> fig = fcr_tools.pl.history(model, show=False)
     >>> fig = fcr_tools.pl.history(
     ...     model, keys=["loss", "discriminator_accuracy"], save="history.png"
-    ... )  # doctest: +SKIP
+    ... )
+    >>> [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    ['loss', 'discriminator accuracy']
     """
     hist = model if isinstance(model, Mapping) else getattr(model, "history", None)
     if not hist:

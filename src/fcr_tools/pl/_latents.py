@@ -1,4 +1,4 @@
-"""UMAPs of the three FCR latent blocks."""
+"""UMAPs of the three FCR latent blocks, as computed by :func:`fcr_tools.tl.block_umap`."""
 
 from __future__ import annotations
 
@@ -7,33 +7,92 @@ from collections.abc import Sequence
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
-import scanpy as sc
 
 from .._constants import LATENT_BLOCKS
 from .._validation import as_key_list
+from ..tl._umap import umap_key
+from ._utils import finish
 
 BLOCK_TITLES = {"x": "z_x (covariates)", "t": "z_t (treatment)", "tx": "z_tx (interaction)"}
 
 
+def _stored_umaps(adata: ad.AnnData, prefix: str, blocks: list[str]) -> dict[str, np.ndarray]:
+    """The stored UMAP of each block; a KeyError saying how to compute the missing ones."""
+    for block in blocks:
+        if block in adata.obsm or block.startswith(f"{prefix}_"):
+            raise KeyError(
+                f"block {block!r} is an obsm key, not a block name: name the block, e.g. 'tx'. "
+                "The plots draw UMAPs computed by fcr_tools.tl.block_umap (pl.block_umap no "
+                "longer computes one and returns its coordinates)."
+            )
+    missing = [block for block in blocks if umap_key(prefix, block) not in adata.obsm]
+    if missing:
+        keys = ", ".join(repr(umap_key(prefix, block)) for block in missing)
+        arguments = repr(missing[0]) if len(missing) == 1 else repr(missing)
+        if prefix != "X_fcr":
+            arguments += f", prefix={prefix!r}"
+        raise KeyError(
+            f"obsm[{keys}] not found: plotting does not compute embeddings; run "
+            f"fcr_tools.tl.block_umap(adata, blocks={arguments}) first."
+        )
+    return {block: np.asarray(adata.obsm[umap_key(prefix, block)]) for block in blocks}
+
+
+def _labels(adata: ad.AnnData, color: str | Sequence[str]) -> dict:
+    keys = as_key_list(color)
+    for key in keys:
+        if key not in adata.obs:
+            raise KeyError(f"color={key!r}: column not found in adata.obs.")
+    return {key: adata.obs[key].astype("category") for key in keys}
+
+
+def _scatter(ax, coords: np.ndarray, labels, title: str, legend: bool) -> None:
+    """One panel: cells at ``coords`` coloured by the categories of ``labels``."""
+    palette = plt.get_cmap("tab20" if len(labels.cat.categories) > 10 else "tab10")
+    for code, name in enumerate(labels.cat.categories):
+        mask = (labels.cat.codes == code).to_numpy()
+        ax.scatter(coords[mask, 0], coords[mask, 1], s=4, color=palette(code % 20), label=name)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    if legend:
+        ax.legend(
+            loc="center left", bbox_to_anchor=(1, 0.5), fontsize=7, markerscale=2, frameon=False
+        )
+
+
 def block_umap(
-    adata: ad.AnnData, use_rep: str, n_neighbors: int = 15, random_state: int = 0
-) -> np.ndarray:
-    """UMAP coordinates of one embedding, computed without modifying ``adata``.
+    adata: ad.AnnData,
+    block: str = "tx",
+    color: str | Sequence[str] = ("cell_line", "drug"),
+    prefix: str = "X_fcr",
+    save: str | None = None,
+    show: bool | None = None,
+):
+    """UMAP of one latent block, one panel per obs column to colour by.
+
+    Plots ``adata.obsm["X_umap_fcr_<block>"]``, computed by :func:`fcr_tools.tl.block_umap`;
+    ``adata`` is not modified.
 
     Parameters
     ----------
     adata
-        Cells with the embedding in ``obsm``.
-    use_rep
-        The obsm key of the embedding, e.g. ``"X_fcr_tx"``.
-    n_neighbors
-        Neighbourhood size of the kNN graph.
-    random_state
-        Seed of the UMAP.
+        Cells with the block's UMAP in obsm.
+    block
+        The block: ``"x"``, ``"t"`` or ``"tx"``.
+    color
+        Categorical obs column(s) to colour by.
+    prefix
+        Prefix of the obsm keys of the latents the UMAP was computed from (as in
+        :func:`fcr_tools.tl.block_umap`).
+    save
+        File to save the figure to (any matplotlib format).
+    show
+        Show the figure (default: when not saving).
 
     Returns
     -------
-    Array ``(n_cells, 2)`` of UMAP coordinates.
+    The matplotlib figure.
 
     Examples
     --------
@@ -42,17 +101,20 @@ def block_umap(
     >>> import fcr_tools
     >>> rng = np.random.default_rng(0)
     >>> adata = ad.AnnData(obsm={"X_fcr_tx": rng.normal(size=(60, 4))})
-    >>> fcr_tools.pl.block_umap(adata, "X_fcr_tx").shape
-    (60, 2)
+    >>> adata.obs["drug"] = np.repeat(["control", "drug_0"], 30)
+    >>> fcr_tools.tl.block_umap(adata, blocks="tx")
+    >>> fig = fcr_tools.pl.block_umap(adata, "tx", color="drug", show=False)
+    >>> fig.axes[0].get_title()
+    'z_tx (interaction)\\ncoloured by drug'
     """
-    if use_rep not in adata.obsm:
-        raise KeyError(f"obsm[{use_rep!r}] not found; run model.write_latents(adata) first.")
-    rep = np.asarray(adata.obsm[use_rep], dtype=np.float32)
-    tmp = ad.AnnData(obs=adata.obs[[]].copy(), obsm={"rep": rep})
-    tmp.X = np.zeros((tmp.n_obs, 0), dtype=np.float32)
-    sc.pp.neighbors(tmp, use_rep="rep", n_neighbors=min(n_neighbors, tmp.n_obs - 1))
-    sc.tl.umap(tmp, random_state=random_state)
-    return tmp.obsm["X_umap"]
+    coords = _stored_umaps(adata, prefix, [block])[block]
+    labels = _labels(adata, color)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
+    for ax, (key, values) in zip(axes[0], labels.items(), strict=True):
+        title = f"{BLOCK_TITLES.get(block, block)}\ncoloured by {key}"
+        _scatter(ax, coords, values, title, legend=True)
+    fig.tight_layout()
+    return finish(fig, save, show)
 
 
 def latent_umaps(
@@ -62,30 +124,28 @@ def latent_umaps(
     blocks: Sequence[str] = LATENT_BLOCKS,
     save: str | None = None,
     show: bool | None = None,
-    n_neighbors: int = 15,
-    random_state: int = 0,
 ):
     """UMAP of each latent block (columns) coloured by each obs column (rows).
 
-    The UMAPs are computed on the fly from ``adata.obsm[f"{prefix}_{block}"]`` (written by
-    :meth:`~fcr_tools.FCRModel.write_latents`); ``adata`` itself is not modified.
+    Plots ``adata.obsm["X_umap_fcr_<block>"]`` for each block, computed by
+    :func:`fcr_tools.tl.block_umap` from the latents that
+    :meth:`~fcr_tools.FCRModel.write_latents` stores; ``adata`` is not modified.
 
     Parameters
     ----------
     adata
-        Cells with the latents in obsm.
+        Cells with the blocks' UMAPs in obsm.
     color
         Categorical obs column(s) to colour by.
     prefix
-        Prefix of the obsm keys.
+        Prefix of the obsm keys of the latents the UMAPs were computed from (as in
+        :func:`fcr_tools.tl.block_umap`).
     blocks
         Blocks to show.
     save
         File to save the figure to (any matplotlib format).
     show
         Show the figure (default: when not saving).
-    n_neighbors, random_state
-        Neighbourhood size and seed of the UMAP.
 
     Returns
     -------
@@ -93,40 +153,22 @@ def latent_umaps(
 
     Examples
     --------
-    >>> fig = fcr_tools.pl.latent_umaps(adata, color=["cell_line", "drug"])  # doctest: +SKIP
+    >>> import fcr_tools
+    >>> model.write_latents(adata)
+    >>> fcr_tools.tl.block_umap(adata)
+    >>> fig = fcr_tools.pl.latent_umaps(adata, color=["cell_line", "drug"], show=False)
+    >>> len(fig.axes)
+    6
     """
-    colors = as_key_list(color)
-    for key in colors:
-        if key not in adata.obs:
-            raise KeyError(f"color={key!r}: column not found in adata.obs.")
+    blocks = as_key_list(blocks)
+    coords = _stored_umaps(adata, prefix, blocks)
+    labels = _labels(adata, color)
     fig, axes = plt.subplots(
-        len(colors), len(blocks), figsize=(4.2 * len(blocks), 3.8 * len(colors)), squeeze=False
+        len(labels), len(blocks), figsize=(4.2 * len(blocks), 3.8 * len(labels)), squeeze=False
     )
     for j, block in enumerate(blocks):
-        coords = block_umap(adata, f"{prefix}_{block}", n_neighbors, random_state)
-        for i, key in enumerate(colors):
-            ax = axes[i, j]
-            labels = adata.obs[key].astype("category")
-            palette = plt.get_cmap("tab20" if len(labels.cat.categories) > 10 else "tab10")
-            for code, name in enumerate(labels.cat.categories):
-                mask = (labels.cat.codes == code).to_numpy()
-                ax.scatter(
-                    coords[mask, 0], coords[mask, 1], s=4, color=palette(code % 20), label=name
-                )
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{BLOCK_TITLES.get(block, block)}\ncoloured by {key}", fontsize=10)
-            if j == len(blocks) - 1:
-                ax.legend(
-                    loc="center left",
-                    bbox_to_anchor=(1, 0.5),
-                    fontsize=7,
-                    markerscale=2,
-                    frameon=False,
-                )
+        for i, (key, values) in enumerate(labels.items()):
+            title = f"{BLOCK_TITLES.get(block, block)}\ncoloured by {key}"
+            _scatter(axes[i, j], coords[block], values, title, legend=j == len(blocks) - 1)
     fig.tight_layout()
-    if save:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    if show or (show is None and not save):
-        plt.show()
-    return fig
+    return finish(fig, save, show)

@@ -10,7 +10,6 @@ import pandas as pd
 import torch
 
 from .._constants import COVARIATES_KEY, TREATMENT_KEY
-from .._pairing import control_mask, covariate_codes
 from .._registration import RegisteredSetup
 
 if TYPE_CHECKING:
@@ -30,22 +29,40 @@ def _expression(module, blocks: list[torch.Tensor], library: torch.Tensor) -> to
 
 
 def _contexts(model: FCRModel, adata) -> tuple[list[str], pd.DataFrame, np.ndarray, list]:
-    """Covariate keys, the values and codes of each context, and each context's controls."""
-    manager = model.get_anndata_manager(adata, required=True)
-    codes = covariate_codes(manager)
-    controls = np.flatnonzero(control_mask(manager))
+    """Covariate keys, the values and codes of each context, and each context's controls.
+
+    Read from obs alone (the model checks the data when it encodes the cells).
+    """
+    data = model.adata if adata is None else adata
+    setup = RegisteredSetup.from_registry(model.registry_)
+    control = model.treatment_encoder.control
+    treatments = np.asarray(setup.column(data, "treatment_key"), dtype=object).ravel()
+    treatments = treatments.astype(str)
+    controls = np.flatnonzero(treatments == control)
     if controls.size == 0:
         raise ValueError(
             "adata has no control cells: interaction_effects represents each context by its "
-            f"control cells ({model.treatment_encoder.control!r})."
+            f"control cells ({control!r})."
         )
     keys = list(model.covariate_keys)
-    groups, inverse = np.unique(codes[controls], axis=0, return_inverse=True)
+    if not keys:
+        return [], pd.DataFrame(index=[0]), np.zeros((1, 0), dtype=np.int64), [controls]
+    mappings = model.get_state_registry(COVARIATES_KEY).mappings
+    codes = np.empty((controls.size, len(keys)), dtype=np.int64)
+    for j, key in enumerate(keys):
+        known = {str(category): code for code, category in enumerate(mappings[key])}
+        values = np.asarray(setup.column(data, "covariate_keys", key), dtype=object).ravel()
+        values = values[controls]
+        unseen = sorted(set(map(str, values)) - set(known))
+        if unseen:
+            raise ValueError(
+                f"Category {unseen[0]!r} of obs[{key!r}] was not seen when the model was "
+                f"trained (known: {list(known)[:10]}). Predict only for known categories."
+            )
+        codes[:, j] = [known[str(v)] for v in values]
+    groups, inverse = np.unique(codes, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).ravel()
     members = [controls[inverse == g] for g in range(len(groups))]
-    if not keys:
-        return [], pd.DataFrame(index=[0]), groups, members
-    mappings = manager.get_state_registry(COVARIATES_KEY).mappings
     table = pd.DataFrame(
         {key: [str(mappings[key][c]) for c in groups[:, j]] for j, key in enumerate(keys)}
     )
@@ -141,11 +158,13 @@ def interaction_effects(
     ...     adata, treatment_key="drug", dose_key="dose", covariate_keys="cell_line"
     ... )
     >>> model = FCRModel(adata, n_latent_x=2, n_latent_t=2, n_latent_tx=2, n_hidden=16)
-    >>> model.train(max_epochs=5)  # doctest: +SKIP
+    >>> model.train(max_epochs=5, enable_progress_bar=False)
     >>> effects = fcr_tools.tl.interaction_effects(model, n_top_genes=3)
     >>> effects[["context", "treatment", "strength"]].shape
     (4, 3)
-    >>> effects.sort_values("strength", ascending=False).head()  # doctest: +SKIP
+    >>> strongest = effects.sort_values("strength", ascending=False).iloc[0]
+    >>> strongest["treatment"] in {"drug_0", "drug_1"}, len(strongest["top_genes"])
+    (True, 3)
     """
     if n_top_genes < 0:
         raise ValueError(f"n_top_genes must be >= 0, got {n_top_genes}.")
@@ -169,14 +188,13 @@ def interaction_effects(
         )
     encoded = [encoder.encode_one(t, dose) for t in treatments]  # validates labels and doses
 
-    adata = model._validate_anndata(adata)
     keys, contexts, codes, members = _contexts(model, adata)
     genes = _gene_names(model)
     rng = np.random.default_rng(seed)
     module = model.module
     module.eval()
-    device = next(module.parameters()).device
-    n_treat, n_genes = len(treatments), len(genes)
+    device = module.device
+    n_treat, n_genes, n_contexts = len(treatments), len(genes), len(members)
 
     with torch.inference_mode():
         vectors = [
@@ -194,45 +212,62 @@ def interaction_effects(
             for t in vectors
         ]
 
-    rows, gene_rows = [], []
-    for ctx_index, cells in enumerate(members):
+    # each context's control cells (subsampled), encoded in one pass over all of them
+    chosen = []
+    for cells in members:
         if max_cells_per_context is not None and cells.size > max_cells_per_context:
             cells = np.sort(rng.choice(cells, max_cells_per_context, replace=False))
-        sums = {k: np.zeros(n_treat) for k in ("strength", "specificity", "effect", "latent")}
-        abs_diff, signed_diff = np.zeros((n_treat, n_genes)), np.zeros((n_treat, n_genes))
-        with torch.inference_mode():
-            for tensors in model._loader(adata, cells, batch_size):
-                inputs = module._get_inference_input(tensors)
-                inputs.pop("n_primary")
-                out = module.inference(**inputs)
-                e_x, library = out["e_x"], out["library"]
-                n = e_x.shape[0]
-                zero = torch.zeros(n, module.n_treatment_components, device=e_x.device)
-                ctrl = module.counterfactual_latents(out, zero, mode=mode)
-                y_ctrl = _expression(module, [ctrl["x"], ctrl["t"], ctrl["tx"]], library)
-                for i, t in enumerate(vectors):
-                    t = t.expand(n, -1)
-                    full = module.counterfactual_latents(out, t, mode=mode)
-                    y_a = _expression(module, [full["x"], full["t"], full["tx"]], library)
-                    y_b = _expression(module, [full["x"], full["t"], ctrl["tx"]], library)
-                    target_tx = module.prior(e_x, t, out["e_tx"])["tx"][0]
-                    # the shared interaction, with the cell's own deviation kept (abduction)
-                    shared = shared_tx[i].expand(n, -1) + full["tx"] - target_tx
-                    y_c = _expression(module, [full["x"], full["t"], shared], library)
-                    diff = (y_a - y_b).cpu().numpy()
-                    sums["strength"][i] += _rms(diff).sum()
-                    sums["specificity"][i] += _rms((y_a - y_c).cpu().numpy()).sum()
-                    sums["effect"][i] += _rms((y_a - y_ctrl).cpu().numpy()).sum()
-                    abs_diff[i] += np.abs(diff).sum(0)
-                    signed_diff[i] += diff.sum(0)
-                    moved = target_tx - module.prior(e_x, zero, out["e_tx"])["tx"][0]
-                    sums["latent"][i] += torch.linalg.vector_norm(moved, dim=-1).sum().item()
+        chosen.append(cells)
+    cells = np.concatenate(chosen)
+    owner = np.concatenate([np.full(c.size, i) for i, c in enumerate(chosen)])
+    order = np.argsort(cells, kind="stable")
+    cells, owner = cells[order], owner[order]
+    sums = {
+        key: torch.zeros(n_contexts, n_treat, dtype=torch.float64, device=device)
+        for key in ("strength", "specificity", "effect", "latent")
+    }
+    abs_diff = torch.zeros(n_contexts, n_treat, n_genes, dtype=torch.float64, device=device)
+    signed_diff = torch.zeros_like(abs_diff)
+    with torch.inference_mode():
+        for out in model.inference_batches(adata, cells, batch_size):
+            ctx = torch.as_tensor(owner[np.searchsorted(cells, out["indices"])], device=device)
+            e_x, library = out["e_x"], out["library"]
+            n = e_x.shape[0]
+            zero = torch.zeros(n, module.n_treatment_components, device=device)
+            ctrl = module.counterfactual_latents(out, zero, mode=mode)
+            y_ctrl = _expression(module, [ctrl["x"], ctrl["t"], ctrl["tx"]], library)
+            for i, t in enumerate(vectors):
+                t = t.expand(n, -1)
+                full = module.counterfactual_latents(out, t, mode=mode)
+                y_a = _expression(module, [full["x"], full["t"], full["tx"]], library)
+                y_b = _expression(module, [full["x"], full["t"], ctrl["tx"]], library)
+                target_tx = module.prior(e_x, t, out["e_tx"])["tx"][0]
+                # the shared interaction, with the cell's own deviation kept (abduction)
+                shared = shared_tx[i].expand(n, -1) + full["tx"] - target_tx
+                y_c = _expression(module, [full["x"], full["t"], shared], library)
+                diff = y_a - y_b
+                moved = target_tx - module.prior(e_x, zero, out["e_tx"])["tx"][0]
+                per_cell = {
+                    "strength": _rms(diff),
+                    "specificity": _rms(y_a - y_c),
+                    "effect": _rms(y_a - y_ctrl),
+                    "latent": torch.linalg.vector_norm(moved, dim=-1),
+                }
+                for key, value in per_cell.items():
+                    sums[key][:, i].index_add_(0, ctx, value.double())
+                abs_diff[:, i].index_add_(0, ctx, diff.abs().double())
+                signed_diff[:, i].index_add_(0, ctx, diff.double())
+    sums = {key: value.cpu().numpy() for key, value in sums.items()}
+    abs_diff, signed_diff = abs_diff.cpu().numpy(), signed_diff.cpu().numpy()
+
+    rows, gene_rows = [], []
+    for ctx_index, cells in enumerate(chosen):
         n_cells = cells.size
         values = contexts.iloc[ctx_index].to_dict() if keys else {}
         for i, treatment in enumerate(treatments):
-            order = np.argsort(-abs_diff[i], kind="stable")[:n_top_genes]
-            effect = sums["effect"][i] / n_cells
-            strength = sums["strength"][i] / n_cells
+            order = np.argsort(-abs_diff[ctx_index, i], kind="stable")[:n_top_genes]
+            effect = sums["effect"][ctx_index, i] / n_cells
+            strength = sums["strength"][ctx_index, i] / n_cells
             rows.append(
                 {
                     **values,
@@ -241,14 +276,14 @@ def interaction_effects(
                     "dose": 1.0 if dose is None else dose,
                     "n_cells": int(n_cells),
                     "strength": strength,
-                    "specificity": sums["specificity"][i] / n_cells,
+                    "specificity": sums["specificity"][ctx_index, i] / n_cells,
                     "effect": effect,
                     "fraction": strength / effect if effect > 0 else np.nan,
-                    "latent_strength": sums["latent"][i] / n_cells,
+                    "latent_strength": sums["latent"][ctx_index, i] / n_cells,
                     "top_genes": tuple(str(g) for g in genes[order]),
                 }
             )
-            gene_rows.append(signed_diff[i] / n_cells)
+            gene_rows.append(signed_diff[ctx_index, i] / n_cells)
     table = pd.DataFrame(rows)
     if not return_gene_effects:
         return table
@@ -260,9 +295,9 @@ def interaction_effects(
     return table, gene_effects
 
 
-def _rms(diff: np.ndarray) -> np.ndarray:
+def _rms(diff: torch.Tensor) -> torch.Tensor:
     """Root mean square over genes of each cell's difference."""
-    return np.sqrt((diff**2).mean(axis=1))
+    return diff.square().mean(-1).sqrt()
 
 
 def _gene_names(model: FCRModel) -> np.ndarray:

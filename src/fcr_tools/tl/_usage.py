@@ -54,22 +54,22 @@ def latent_usage(
 
     Examples
     --------
-    >>> usage = fcr_tools.tl.latent_usage(model)  # doctest: +SKIP
-    >>> usage.groupby("block")["active"].sum()  # active dimensions per block  # doctest: +SKIP
+    >>> import fcr_tools
+    >>> usage = fcr_tools.tl.latent_usage(model)
+    >>> active = usage.groupby("block", sort=False)["active"].sum()  # active dims per block
+    >>> active.index.tolist(), len(usage) == sum(model.module.n_latent.values())
+    (['x', 't', 'tx'], True)
     """
     if not np.isfinite(active_threshold) or active_threshold < 0:
         raise ValueError(f"active_threshold must be a finite number >= 0, not {active_threshold}.")
-    adata = model._validate_anndata(adata)
-    model.module.eval()
     sums = {b: 0.0 for b in LATENT_BLOCKS}
     n_cells = 0
-    for tensors in model._loader(adata, indices, batch_size):
-        out = model.module.inference(**model.module._get_inference_input(tensors))
+    for out in model.inference_batches(adata, indices, batch_size):
         for b in LATENT_BLOCKS:
             q, p = out[f"qz_{b}"], out[f"pz_{b}"]
             kl = gaussian_kl_per_dim(q.loc, q.scale**2, p.loc, p.scale**2)
             sums[b] = sums[b] + kl.sum(0).double().cpu()
-        n_cells += tensors["X"].shape[0]
+        n_cells += len(out["indices"])
     rows = []
     for b in LATENT_BLOCKS:
         kl = (sums[b] / n_cells).numpy()
