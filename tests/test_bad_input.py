@@ -4,8 +4,10 @@ Each test here is a row of the table in docs/bad_input.md (with the tests of tes
 test_model.py and test_pairing.py it cites).
 """
 
+import sys
 import tempfile
 import threading
+import types
 import typing
 from concurrent.futures import ThreadPoolExecutor
 
@@ -365,6 +367,26 @@ def test_load_a_corrupt_model_file(saved, damage):
         ]
     )
     with pytest.raises(ValueError, match=r"Could not read the saved model .*model.pt.*truncated"):
+        FCRModel.load(saved)
+
+
+def test_load_a_whole_model_file_these_libraries_cannot_read(saved, monkeypatch):
+    """As a model.pt pickled with newer libraries (e.g. pandas 3's string dtype under pandas 2)."""
+    gone = types.ModuleType("fcr_newer_library")
+
+    class Newer:
+        pass
+
+    Newer.__module__, Newer.__qualname__ = gone.__name__, "Newer"
+    gone.Newer = Newer
+    monkeypatch.setitem(sys.modules, gone.__name__, gone)
+    _edit_saved(saved, lambda content: content["attr_dict"].update(newer_=Newer()))
+    monkeypatch.delitem(sys.modules, gone.__name__)
+    with pytest.raises(
+        ValueError,
+        match=r"Could not read the saved model .*model.pt' with the libraries installed here "
+        r"\(torch .*, pandas .*, scvi-tools .*\): ModuleNotFoundError.*saved with newer versions",
+    ):
         FCRModel.load(saved)
 
 

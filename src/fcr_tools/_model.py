@@ -13,8 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 from scvi.data import AnnDataManager
-from scvi.data._constants import _SCVI_UUID_KEY
-from scvi.data._utils import get_anndata_attribute
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
@@ -56,9 +54,18 @@ from ._saving import (
     read_saved_model,
     version_info,
 )
+from ._scvi_compat import (
+    data_uuid,
+    forget_instance_manager,
+    forget_setup_manager,
+    instance_manager,
+    obs_column,
+    portable_history,
+    setup_method_name,
+)
 from ._training_plan import FCRTrainingPlan
 from ._treatments import TreatmentEncoder
-from ._validation import as_key_list, check_expression, check_setup_columns
+from ._validation import as_key_list, check_expression, check_setup_columns, layer_names
 
 Block = Literal["x", "t", "tx", "all"]
 
@@ -80,7 +87,7 @@ def _data_matrix(adata, layer: str | None, modality: str | None = None):
     if layer is None:
         return adata.X, "adata.X" if modality is None else f"mdata[{modality!r}].X"
     if layer not in adata.layers:
-        raise KeyError(f"layer={layer!r} not found in adata.layers ({list(adata.layers)}).")
+        raise KeyError(f"layer={layer!r} not found in adata.layers ({layer_names(adata)}).")
     name = f"adata.layers[{layer!r}]" if modality is None else f"mdata[{modality!r}].layers"
     return adata.layers[layer], name
 
@@ -391,7 +398,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         def get_column(key):
             mod = cov_mod if key in covariates else mods.treatment_key
-            return get_anndata_attribute(mdata, "obs", key, mod_key=mod)
+            return obs_column(mdata, key, mod_key=mod)
 
         def columns_of(mod):
             return list((mdata.mod[mod] if mod else mdata).obs.columns)
@@ -492,10 +499,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         proxy = stand_in(adata, setup)
         if self.adata_manager is None:  # loaded without data: replay the saved setup
             cls = type(self)
-            method = self.registry_.get("setup_method_name", "setup_anndata")
+            method = setup_method_name(self.registry_)
             getattr(cls, method)(proxy, source_registry=self.registry_, **setup.args)
             manager = cls._get_most_recent_anndata_manager(proxy, required=True)
-            cls._setup_adata_manager_store.pop(manager.adata_uuid, None)
+            forget_setup_manager(cls, manager.adata_uuid)
         else:
             manager = self.adata_manager.transfer_fields(proxy)
             recode_covariates(manager)
@@ -505,13 +512,12 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             self._stand_ins = deque()
         self._stand_ins.append(manager.adata_uuid)
         while len(self._stand_ins) > MAX_STAND_INS:
-            self._per_instance_manager_store[self.id].pop(self._stand_ins.popleft(), None)
+            forget_instance_manager(self, self._stand_ins.popleft())
         return proxy
 
     def _is_registered(self, adata) -> bool:
         """Whether this very object is registered with this model (without writing to it)."""
-        uuid = adata.uns.get(_SCVI_UUID_KEY)
-        manager = self._per_instance_manager_store.get(self.id, {}).get(uuid)
+        manager = instance_manager(self, data_uuid(adata))
         return manager is not None and manager.adata is adata
 
     def _check_new_data(self, adata) -> None:
@@ -650,7 +656,12 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         ['model.pt']
         """
         self.fcr_version_ = version_info()
-        super().save(dir_path, prefix=prefix, overwrite=overwrite, **kwargs)
+        history = self.history_
+        self.history_ = portable_history(history)  # readable under pandas 2 and 3
+        try:
+            super().save(dir_path, prefix=prefix, overwrite=overwrite, **kwargs)
+        finally:
+            self.history_ = history
 
     @classmethod
     def load(

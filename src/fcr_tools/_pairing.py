@@ -14,7 +14,6 @@ import pandas as pd
 import torch
 from scvi.data import AnnDataManager
 from scvi.dataloaders import DataSplitter
-from scvi.dataloaders._samplers import BatchDistributedSampler
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from ._constants import (
@@ -26,12 +25,13 @@ from ._constants import (
     X_KEY,
 )
 from ._registration import RegisteredSetup
+from ._scvi_compat import BatchDistributedSampler, state_registry
 from ._treatments import TreatmentEncoder
 
 
 def treatment_encoder(registry: dict) -> TreatmentEncoder:
     """The treatment encoder implied by a registry (treatment labels seen at setup)."""
-    state = registry["field_registries"][TREATMENT_KEY]["state_registry"]
+    state = state_registry(registry, TREATMENT_KEY)
     control = RegisteredSetup.from_registry(registry).control_treatment
     return TreatmentEncoder.from_labels(list(state["categorical_mapping"]), control)
 

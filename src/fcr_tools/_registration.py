@@ -9,10 +9,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from scvi.data import AnnDataManager
-from scvi.data._constants import _SETUP_ARGS_KEY
-from scvi.data._utils import get_anndata_attribute
 
 from ._constants import COVARIATES_KEY, X_KEY
+from ._scvi_compat import obs_column, setup_args, state_registry
 from ._validation import as_key_list
 
 # stand-in registrations a model keeps (each holds a reference to its data)
@@ -39,7 +38,7 @@ class RegisteredSetup:
     @classmethod
     def from_registry(cls, registry: Mapping) -> RegisteredSetup:
         """The setup recorded in a model's or a manager's registry."""
-        return cls(registry[_SETUP_ARGS_KEY])
+        return cls(setup_args(registry))
 
     @classmethod
     def of(cls, setup: RegisteredSetup | Mapping) -> RegisteredSetup:
@@ -103,7 +102,7 @@ class RegisteredSetup:
     def column(self, data, argument: str, key: str | None = None):
         """The values of the column of ``argument`` (or of its column ``key``) in ``data``."""
         key = self.args[argument] if key is None else key
-        return get_anndata_attribute(data, "obs", key, mod_key=self.modality(argument))
+        return obs_column(data, key, mod_key=self.modality(argument))
 
     def genes(self, var_names):
         """The model's genes from ``model.get_var_names()`` (per modality for a MuData)."""
@@ -130,7 +129,7 @@ def check_source_genes(genes, kwargs: dict) -> None:
     registry = kwargs.get("source_registry")
     if registry is None:
         return
-    state = registry["field_registries"][X_KEY]["state_registry"]
+    state = state_registry(registry, X_KEY)
     if state.get("column_names") is not None:
         check_genes(genes, state["column_names"])
 

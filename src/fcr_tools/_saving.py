@@ -17,17 +17,27 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
-from scvi.data._constants import _MODEL_NAME_KEY
+from ._scvi_compat import (
+    MODEL_FILE,
+    add_init_arguments,
+    read_model_file,
+    saved_data_file,
+    saved_init_arguments,
+    saved_model_name,
+    write_model_file,
+)
 
 # 1.1: the interaction prior became a model argument (default "linear"); models saved before
 # it have the one-hidden-layer MLP prior.
 # 1.2: posterior, interaction_context, decoder, treatment_prior and dose_response became model
 # arguments (new defaults); models saved before them are rebuilt with the values they had.
 MODEL_FORMAT = (1, 2)
+# the libraries whose versions decide whether a saved model.pt can be unpickled
+LIBRARIES = ("torch", "pandas", "numpy", "scvi-tools", "anndata")
 # the format of models saved before formats were recorded
 UNRECORDED_FORMAT = (1, 0)
 
@@ -48,6 +58,13 @@ def version_info() -> dict[str, str]:
     from . import __version__
 
     return {"fcr_tools": __version__, "model_format": ".".join(map(str, MODEL_FORMAT))}
+
+
+def installed_libraries() -> str:
+    """``"torch X, pandas Y, ..."``: the versions of :data:`LIBRARIES` installed here."""
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in LIBRARIES)
 
 
 def describe_version(info: dict | None) -> str:
@@ -130,7 +147,7 @@ def read_saved_model(
     path = os.fspath(dir_path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No saved model at {path!r}: the directory does not exist.")
-    model_file = os.path.join(path, f"{prefix or ''}model.pt")
+    model_file = os.path.join(path, f"{prefix or ''}{MODEL_FILE}")
     if not os.path.isfile(model_file):
         present = sorted(os.listdir(path))
         raise FileNotFoundError(
@@ -138,8 +155,15 @@ def read_saved_model(
             f"{present[:10]}). Save one with model.save({path!r})."
         )
     try:
-        saved = torch.load(model_file, map_location="cpu", weights_only=False)
+        saved = read_model_file(model_file)
     except Exception as err:  # truncated zip, garbage bytes, pickle errors ...
+        if zipfile.is_zipfile(model_file):  # a whole torch file: its pickle is the problem
+            raise ValueError(
+                f"Could not read the saved model {model_file!r} with the libraries installed "
+                f"here ({installed_libraries()}): {type(err).__name__}: {err}. The file is "
+                "whole, so it was most likely saved with newer versions of them: load it where "
+                "those are installed, or upgrade these (pip install -U scvi-tools pandas)."
+            ) from err
         raise ValueError(
             f"Could not read the saved model {model_file!r}: the file is truncated or corrupt "
             f"({type(err).__name__}: {err}). Save the model again."
@@ -154,7 +178,7 @@ def read_saved_model(
             f"{model_file!r} is not a model saved by scvi-tools' model.save (keys: "
             f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__})."
         )
-    name = attrs["registry_"].get(_MODEL_NAME_KEY)
+    name = saved_model_name(attrs["registry_"])
     if name is not None and name not in model_names:
         raise ValueError(
             f"{model_file!r} holds a {name} model, not an {model_names[0]}: load it with "
@@ -199,18 +223,12 @@ def check_saved_model(
 
 def saved_data_path(dir_path, prefix: str | None, registry: dict) -> str:
     """Where ``model.save(..., save_anndata=True)`` writes the data of a model (its registry)."""
-    setup_method = registry.get("setup_method_name", "setup_anndata")
-    data_file = "mdata.h5mu" if setup_method == "setup_mudata" else "adata.h5ad"
-    return os.path.join(os.fspath(dir_path), f"{prefix or ''}{data_file}")
+    return os.path.join(os.fspath(dir_path), f"{prefix or ''}{saved_data_file(registry)}")
 
 
 def saved_arguments(saved: dict) -> dict:
     """The ``__init__`` arguments in the contents of a saved model."""
-    init = saved["attr_dict"].get("init_params_") or {}
-    if "non_kwargs" not in init:  # scvi-tools' older, flat record
-        return {name: value for name, value in init.items() if not isinstance(value, dict)}
-    kwargs = {k: v for group in init.get("kwargs", {}).values() for k, v in group.items()}
-    return {**init["non_kwargs"], **kwargs}
+    return saved_init_arguments(saved["attr_dict"].get("init_params_"))
 
 
 def legacy_model_arguments(saved_arguments: dict) -> dict:
@@ -234,10 +252,7 @@ def with_arguments_before(saved: dict) -> dict | None:
     missing = legacy_model_arguments(saved_arguments(saved))
     if not missing:
         return None
-    if "non_kwargs" in init:
-        init = {**init, "non_kwargs": {**init["non_kwargs"], **missing}}
-    else:
-        init = {**init, **missing}
+    init = add_init_arguments(init, missing)
     return {**saved, "attr_dict": {**attrs, "init_params_": init}}
 
 
@@ -260,7 +275,7 @@ def loadable_save(dir_path, prefix: str | None, saved: dict, adata) -> Iterator[
         if os.path.exists(data_path):
             adata = _read_data(data_path)
     with tempfile.TemporaryDirectory(prefix="fcr_tools_load_") as scratch:
-        torch.save(converted, os.path.join(scratch, "model.pt"))
+        write_model_file(converted, os.path.join(scratch, MODEL_FILE))
         yield scratch, None, adata
 
 

@@ -150,9 +150,13 @@ class TreatmentEncoder:
                 raise ValueError("`doses` must have one entry per treatment label.")
         lookup = {name: i for i, name in enumerate(self.components)}
         # encode each distinct (label, dose) once, then broadcast to the cells; the pairs are
-        # factorized as integer codes (a MultiIndex of tuples grows superlinearly with cells)
-        label_codes, _ = pd.factorize(labels.astype(str).to_numpy())
-        dose_codes, dose_uniques = pd.factorize(dose_values.astype(str).to_numpy())
+        # factorized as integer codes (a MultiIndex of tuples grows superlinearly with cells);
+        # pandas >= 3 keeps NaN / None as NaN in astype(str): give them a code of their own so
+        # that their doses are checked (and rejected) like any other
+        label_codes, _ = pd.factorize(labels.astype(str).to_numpy(), use_na_sentinel=False)
+        dose_codes, dose_uniques = pd.factorize(
+            dose_values.astype(str).to_numpy(), use_na_sentinel=False
+        )
         pair_codes = label_codes.astype(np.int64) * max(len(dose_uniques), 1) + dose_codes
         codes, uniques = pd.factorize(pair_codes)
         first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()

@@ -14,6 +14,11 @@ from ._treatments import TreatmentEncoder
 _CHUNK_ROWS = 10_000
 
 
+def layer_names(adata) -> list[str]:
+    """The names of ``adata.layers`` (anndata >= 0.13 also lists ``X`` there, as ``None``)."""
+    return [name for name in adata.layers if name is not None]
+
+
 def as_key_list(keys: str | Sequence[str] | None) -> list[str]:
     """Normalise a column argument given as ``None``, one name or a list of names."""
     if keys is None:

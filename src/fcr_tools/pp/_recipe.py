@@ -11,7 +11,7 @@ import pandas as pd
 import scanpy as sc
 from scipy import sparse
 
-from .._validation import as_key_list, check_expression, require_column
+from .._validation import as_key_list, check_expression, layer_names, require_column
 
 CONTROL_LABELS = ("control", "Vehicle", "vehicle", "DMSO", "dmso", "ctrl", "untreated")
 """Treatment labels that :func:`prepare_screen` treats as controls by default."""
@@ -219,7 +219,7 @@ def prepare_screen(
         require_column(columns, dose_key, "dose_key")
     if counts_layer is not None and counts_layer not in adata.layers:
         raise KeyError(
-            f"counts_layer={counts_layer!r} not found in adata.layers ({list(adata.layers)})."
+            f"counts_layer={counts_layer!r} not found in adata.layers ({layer_names(adata)})."
         )
     if dose_scaling not in ("log", "max", "none"):
         raise ValueError(f"dose_scaling must be 'log', 'max' or 'none', not {dose_scaling!r}.")
