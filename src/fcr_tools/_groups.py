@@ -14,9 +14,18 @@ def group_index(*columns: torch.Tensor) -> tuple[torch.Tensor, int]:
     -------
     ``(n,)`` int64 ids in ``[0, n_groups)`` and ``n_groups``.
     """
-    keys = torch.cat([c.reshape(c.shape[0], -1).to(torch.float64) for c in columns], dim=1)
-    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    return inverse, int(inverse.max().item()) + 1 if inverse.numel() else 0
+    n = columns[0].shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=columns[0].device), 0
+    # one 1-D unique per column, combined in mixed radix and renumbered after each column:
+    # the ids are those of the unique rows in lexicographic order (as torch.unique(dim=0)
+    # gives them), without its slow row-wise sort
+    inverse = torch.zeros(n, dtype=torch.long, device=columns[0].device)
+    for column in columns:
+        for values in column.reshape(n, -1).to(torch.float64).unbind(1):
+            levels, codes = torch.unique(values, return_inverse=True)
+            _, inverse = torch.unique(inverse * len(levels) + codes, return_inverse=True)
+    return inverse, int(inverse.max().item()) + 1
 
 
 def group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
