@@ -85,7 +85,7 @@ def run_demo(
     out_dir
         Output directory (created).
     quick
-        A small screen and few epochs (about a minute on a laptop CPU); for smoke tests.
+        A small screen and few epochs, for smoke tests.
     max_epochs
         Override the number of training epochs.
     seed
