@@ -779,9 +779,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             parts.append(torch.cat(chosen, -1).cpu().numpy())
         return np.concatenate(parts)
 
-    def _batches(self, adata, indices=None, batch_size: int | None = None) -> Iterator[dict]:
+    def _batches(
+        self, adata, indices=None, batch_size: int | None = None, loader=None
+    ) -> Iterator[dict]:
         """Inference outputs of each minibatch of already validated data, cells in order."""
-        loader = self._loader(adata, indices, batch_size)
+        loader = self._loader(adata, indices, batch_size) if loader is None else loader
         device = self.module.device
         start = 0
         for tensors in loader:
@@ -1095,7 +1097,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         vectors = [self._treatment_vector(t, d) for t, d in targets]  # checks every target
         adata = self._validate_anndata(adata)
         self.module.eval()
-        rows = self._loader(adata, indices, batch_size).indices
+        loader = self._loader(adata, indices, batch_size)
+        rows = loader.indices
         obs = self._setup.obs(adata, "treatment_key").iloc[rows]
         obs = obs.loc[:, [c for c in obs.columns if not str(c).startswith("_scvi")]]
         groups, values, keys = None, None, []
@@ -1103,7 +1106,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             keys = self.covariate_keys if groupby is None else as_key_list(groupby)
             frame = self._group_columns(adata, keys).iloc[rows]
             groups, values = group_codes(frame)
-        batches = self._batches(adata, indices, batch_size)
+        batches = self._batches(adata, loader=loader)
         n_groups = 0 if values is None else len(values)
         means, scales = counterfactual_expression(
             self.module, batches, vectors, mode, len(rows), groups, n_groups
