@@ -172,21 +172,15 @@ def install_true_model(model: FCRModel, sim: _Model) -> None:
 
 
 # ---------------------------------------------------------------------- fits
-@torch.inference_mode()
 def negative_elbo(model: FCRModel, adata, indices: np.ndarray, n_samples: int = 5) -> dict:
     """Reconstruction NLL, KL and their sum per cell on ``indices`` (mean of n_samples)."""
-    module = model.module
-    module.eval()
     torch.manual_seed(0)
-    nll = kl = 0.0
-    for tensors in model._loader(adata, indices=indices):
-        for _ in range(n_samples):
-            # the module's own loss with every term but the ELBO's off
-            _, _, loss = module(tensors, loss_kwargs={**NO_AUX, "kl_weight": 1.0})
-            nll += loss.reconstruction_loss_sum.item() / n_samples
-            kl += loss.kl_local_sum.item() / n_samples
-    n = len(indices)
-    return {"nll": nll / n, "kl": kl / n, "neg_elbo": (nll + kl) / n}
+    parts = model.get_elbo(adata, indices=indices, n_samples=n_samples, return_parts=True)
+    return {
+        "nll": parts["reconstruction_loss"],
+        "kl": parts["kl_local"],
+        "neg_elbo": parts["elbo"],
+    }
 
 
 def fit(adata, sim, method: str, epochs: int, seed: int) -> dict:

@@ -180,3 +180,30 @@ def test_grid_leaves_the_data_alone(gaussian, snapshot):
     model.predict_grid(controls, treatment=["drug_0", "drug_1"], dose=[0.3, 1.0])
     model.predict_grid(controls, treatment="drug_0", aggregate="mean")
     check(controls)
+
+
+# ---------------------------------------------------------------------------- ELBO, summary
+def test_get_elbo_is_the_cells_own_negative_elbo(gaussian, adata, build_model):
+    model, data = gaussian
+    torch.manual_seed(0)
+    parts = model.get_elbo(data, return_parts=True)
+    assert set(parts) == {"elbo", "reconstruction_loss", "kl_local"}
+    assert parts["elbo"] == pytest.approx(parts["reconstruction_loss"] + parts["kl_local"])
+    # another set of cells, the same random draws: another mean
+    torch.manual_seed(1)
+    first = model.get_elbo(data, indices=range(10), batch_size=10)
+    torch.manual_seed(1)
+    both = model.get_elbo(data, indices=range(20), batch_size=10)
+    assert np.isfinite(both) and both != first
+    assert model.get_elbo(data, indices=range(10), n_samples=3, return_parts=True)["kl_local"] >= 0
+    # training lowers it: an untrained model of the same size fits worse
+    untrained = build_model(adata, train=False)
+    assert untrained.get_elbo() > model.get_elbo(data)
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        model.get_elbo(n_samples=0)
+
+
+def test_summary_says_whether_the_model_is_trained(gaussian, adata, build_model):
+    model, _ = gaussian
+    assert "FCR" in model.summary and model.summary.endswith("(trained)")
+    assert build_model(adata, train=False).summary.endswith("(not trained)")

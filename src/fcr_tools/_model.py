@@ -841,6 +841,70 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         self.module.eval()
         yield from self._batches(adata, indices, batch_size)
 
+    @torch.inference_mode()
+    def get_elbo(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        n_samples: int = 1,
+        return_parts: bool = False,
+    ) -> float | dict[str, float]:
+        """The cells' negative ELBO per cell (as ``elbo_validation`` in the history).
+
+        The reconstruction negative log-likelihood of each cell's own expression plus the KL
+        divergence of its three blocks from their conditional priors, averaged over cells
+        (scvi-tools' sign convention: lower is better). Each cell is evaluated on its own: no
+        control partner and no auxiliary term of the training objective.
+
+        Parameters
+        ----------
+        adata
+            Data with the model's genes and columns (default: the training data).
+        indices
+            Cells to use (default all).
+        batch_size
+            Cells per minibatch (default 1,024).
+        n_samples
+            Draws of the latents per cell to average over (the reconstruction term is a
+            Monte Carlo estimate; set ``scvi.settings.seed`` to repeat it).
+        return_parts
+            Return ``{"elbo": ..., "reconstruction_loss": ..., "kl_local": ...}``.
+
+        Returns
+        -------
+        The mean negative ELBO per cell, or its parts.
+
+        Examples
+        --------
+        >>> parts = model.get_elbo(return_parts=True)
+        >>> round(parts["elbo"] - parts["reconstruction_loss"] - parts["kl_local"], 6)
+        0.0
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples!r}.")
+        adata = self._validate_anndata(adata)
+        self.module.eval()
+        device = self.module.device
+        nll = kl = 0.0
+        n_cells = 0
+        for tensors in self._loader(adata, indices, batch_size):
+            tensors = {key: value.to(device) for key, value in tensors.items()}
+            n_cells += tensors[X_KEY].shape[0]
+            for _ in range(n_samples):
+                _, _, loss = self.module(tensors, loss_kwargs={"kl_weight": 1.0})
+                nll += loss.reconstruction_loss_sum.item() / n_samples
+                kl += loss.kl_local_sum.item() / n_samples
+        parts = {"reconstruction_loss": nll / n_cells, "kl_local": kl / n_cells}
+        parts["elbo"] = parts["reconstruction_loss"] + parts["kl_local"]
+        return parts if return_parts else parts["elbo"]
+
+    @property
+    def summary(self) -> str:
+        """One paragraph describing the model (architecture, data, training state)."""
+        state = "trained" if self.is_trained else "not trained"
+        return f"{self._model_summary_string} ({state})"
+
     def _treatment_vector(self, treatment: str, dose=None) -> torch.Tensor:
         """Dense treatment vector ``(1, n_components)`` of a label and dose, checked."""
         idx, doses = self.treatment_encoder.encode_one(str(treatment), dose)

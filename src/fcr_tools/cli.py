@@ -143,7 +143,7 @@ def _train(args: argparse.Namespace) -> int:
         n_hidden=args.n_hidden,
         likelihood=args.likelihood,
     )
-    _info(f"{model._model_summary_string}\nTraining on {data.n_obs} cells.")
+    _info(f"{model.summary}\nTraining on {data.n_obs} cells.")
     model.train(
         max_epochs=args.epochs,
         batch_size=args.batch_size,
