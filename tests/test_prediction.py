@@ -155,6 +155,15 @@ def test_grid_means_by_other_columns_and_without_covariates(gaussian):
     )
 
 
+def test_grid_rows_per_cell_whatever_the_obs_columns(gaussian):
+    model, adata = gaussian
+    controls = _controls(adata)
+    controls.obs["n_cells"] = 1  # a user column named like the group counts
+    grid = model.predict_grid(controls, treatment="drug_0", dose=[0.3, 1.0])
+    assert grid.n_obs == 2 * controls.n_obs
+    assert list(grid.obs["source_cell"][: controls.n_obs]) == list(controls.obs_names)
+
+
 def test_grid_errors_name_the_problem(gaussian):
     model, adata = gaussian
     with pytest.raises(ValueError, match="aggregate must be 'cells' or 'mean'"):

@@ -1183,7 +1183,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             columns = [f"source_{k}" if k in targets_columns else k for k in keys]
             obs = pd.DataFrame(values, columns=columns, index=names).astype("category")
             obs["n_cells"] = counts
-        frames = [self._target_obs(obs, t, d, k, grid) for k, (t, d) in enumerate(targets)]
+        per_cell = aggregate == "cells"
+        frames = [
+            self._target_obs(obs, t, d, k, grid, per_cell) for k, (t, d) in enumerate(targets)
+        ]
         obs = pd.concat(frames)
         labels = list(dict.fromkeys(t for t, _ in targets))
         obs[self.treatment_key] = pd.Categorical(obs[self.treatment_key], categories=labels)
@@ -1210,10 +1213,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             return 0.0 if treatment == self.treatment_encoder.control else 1.0
         return dose
 
-    def _target_obs(self, obs: pd.DataFrame, treatment: str, dose, k: int, grid: bool):
+    def _target_obs(
+        self, obs: pd.DataFrame, treatment: str, dose, k: int, grid: bool, per_cell: bool
+    ):
         """obs of one target's rows: the source rows' obs, the target and where it came from."""
         obs = obs.copy()
-        per_cell = "n_cells" not in obs.columns
         if per_cell:
             obs[f"source_{self.treatment_key}"] = obs.get(self.treatment_key)
         obs[self.treatment_key] = treatment
