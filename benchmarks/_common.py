@@ -13,14 +13,15 @@ import pandas as pd
 import scvi
 import torch
 
+from fcr_tools._objective import LOSS_TERMS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# every auxiliary term of the objective off: the ELBO of the cells and their control partners
 NO_AUX = {
-    "aggregate_kl_weight": 0.0,
-    "covariate_classifier_weight": 0.0,
-    "treatment_classifier_weight": 0.0,
-    "similarity_weight": 0.0,
-    "adversarial_weight": 0.0,
+    t.weight: 0.0
+    for t in LOSS_TERMS
+    if t.weight not in ("reconstruction_weight", "control_weight")
 }
 
 # FCR and its ablations, as plan_kwargs

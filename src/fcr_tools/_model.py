@@ -25,6 +25,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from ._constants import COVARIATES_KEY, LATENT_BLOCKS, TREATMENT_KEY, X_KEY
 from ._module import FCRModule
+from ._objective import LOSS_TERMS
 from ._pairing import (
     FCRDataLoader,
     FCRDataSplitter,
@@ -779,15 +780,19 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             parts.append(torch.cat(chosen, -1).cpu().numpy())
         return np.concatenate(parts)
 
+    def _on_device(self, loader) -> Iterator[dict[str, torch.Tensor]]:
+        """The loader's minibatches, moved to the model's device."""
+        device = self.module.device
+        for tensors in loader:
+            yield {key: value.to(device) for key, value in tensors.items()}
+
     def _batches(
         self, adata, indices=None, batch_size: int | None = None, loader=None
     ) -> Iterator[dict]:
         """Inference outputs of each minibatch of already validated data, cells in order."""
         loader = self._loader(adata, indices, batch_size) if loader is None else loader
-        device = self.module.device
         start = 0
-        for tensors in loader:
-            tensors = {key: value.to(device) for key, value in tensors.items()}
+        for tensors in self._on_device(loader):
             inputs = self.module._get_inference_input(tensors)
             inputs.pop("n_primary")
             out = self.module.inference(**inputs)
@@ -885,14 +890,15 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(f"n_samples must be >= 1, got {n_samples!r}.")
         adata = self._validate_anndata(adata)
         self.module.eval()
-        device = self.module.device
+        # the ELBO's terms only: every auxiliary term off (a term of weight 0 is not computed)
+        elbo_only = {t.weight: 0.0 for t in LOSS_TERMS if t.weight != "reconstruction_weight"}
+        elbo_only["kl_weight"] = 1.0
         nll = kl = 0.0
         n_cells = 0
-        for tensors in self._loader(adata, indices, batch_size):
-            tensors = {key: value.to(device) for key, value in tensors.items()}
+        for tensors in self._on_device(self._loader(adata, indices, batch_size)):
             n_cells += tensors[X_KEY].shape[0]
             for _ in range(n_samples):
-                _, _, loss = self.module(tensors, loss_kwargs={"kl_weight": 1.0})
+                _, _, loss = self.module(tensors, loss_kwargs=elbo_only)
                 nll += loss.reconstruction_loss_sum.item() / n_samples
                 kl += loss.kl_local_sum.item() / n_samples
         parts = {"reconstruction_loss": nll / n_cells, "kl_local": kl / n_cells}

@@ -35,6 +35,7 @@ from ._nn import (
 from ._objective import LossWeights, with_loss_weights
 from ._treatments import dense_treatment
 
+COUNTERFACTUAL_MODES = ("prior", "sample", "abduction")
 _MIN_SCALE = 1e-2
 
 
@@ -600,7 +601,7 @@ class FCRModule(BaseModuleClass):
             z_t = z_t + prior["t"][1].sqrt() * torch.randn_like(z_t)
             z_tx = z_tx + prior["tx"][1].sqrt() * torch.randn_like(z_tx)
         else:
-            _check_choice("mode", mode, ("prior", "sample", "abduction"))
+            _check_choice("mode", mode, COUNTERFACTUAL_MODES)
         return {"x": out["qz_x"].loc, "t": z_t, "tx": z_tx}
 
     @torch.inference_mode()

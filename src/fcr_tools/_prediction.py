@@ -16,15 +16,16 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ._module import COUNTERFACTUAL_MODES as MODES
+from ._module import _check_choice
+
 Mode = Literal["prior", "sample", "abduction"]
-MODES = ("prior", "sample", "abduction")
 NORMALIZED_SCALE = 1e4  # the NB's normalised expression is given in counts per 10,000
 
 
 def check_mode(mode: str) -> None:
     """Fail with the allowed values unless ``mode`` is a counterfactual mode."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, not {mode!r}.")
+    _check_choice("mode", mode, MODES)
 
 
 def grid_targets(
