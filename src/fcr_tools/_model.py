@@ -965,7 +965,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         genes); for the negative binomial also ``"normalized"`` (counts per 10,000).
         """
         z = torch.cat([blocks[b] for b in LATENT_BLOCKS], -1)
-        gen = self.module.generative(z, outputs["library"])
+        gen = self.module.expected_expression(z, outputs["library"])
         result = {"mean": gen["px_mean"]}
         if self.module.likelihood == "nb":
             result["normalized"] = gen["px_scale"] * NORMALIZED_SCALE

@@ -382,14 +382,27 @@ class FCRModule(BaseModuleClass):
         >>> gen = module.generative(out["z"], out["library"])  # doctest: +SKIP
         >>> gen["px_mean"].shape  # cells x genes  # doctest: +SKIP
         """
-        out = self.decoder(z)
+        gen = self.expected_expression(z, library)
         if self.likelihood == "gaussian":
             scale = F.softplus(self.px_r) + _MIN_SCALE
-            return {"px": Normal(out, scale.expand_as(out)), "px_mean": out}
+            gen["px"] = Normal(gen["px_mean"], scale.expand_as(gen["px_mean"]))
+        else:
+            theta = torch.exp(self.px_r).expand_as(gen["px_mean"])
+            gen["px"] = NegativeBinomial(mu=gen["px_mean"], theta=theta)
+        return gen
+
+    def expected_expression(self, z: torch.Tensor, library: torch.Tensor) -> dict:
+        """The likelihood's mean given the blocks, without building the distribution.
+
+        ``{"px_mean": ...}`` on the registered data's scale; for the negative binomial also
+        ``"px_scale"`` (expression proportions, summing to 1 per cell). :meth:`generative`
+        adds the distribution; prediction needs the mean only.
+        """
+        out = self.decoder(z)
+        if self.likelihood == "gaussian":
+            return {"px_mean": out}
         px_scale = torch.softmax(out, dim=-1)
-        px_rate = library * px_scale
-        px = NegativeBinomial(mu=px_rate, theta=torch.exp(self.px_r).expand_as(px_rate))
-        return {"px": px, "px_scale": px_scale, "px_mean": px_rate}
+        return {"px_mean": library * px_scale, "px_scale": px_scale}
 
     # ------------------------------------------------------------------ objective
     def _groups(self, inference_outputs: dict) -> tuple[torch.Tensor, int]:
@@ -633,7 +646,7 @@ class FCRModule(BaseModuleClass):
         t_new = self.treatment_vector(target_idx.to(device), target_dose.to(device).float())
         blocks = self.counterfactual_latents(out, t_new, mode=mode)
         z = torch.cat([blocks["x"], blocks["t"], blocks["tx"]], -1)
-        gen = self.generative(z, out["library"])
+        gen = self.expected_expression(z, out["library"])
         result = {"mean": gen["px_mean"]}
         if self.likelihood == "nb":
             result["scale"] = gen["px_scale"]

@@ -203,6 +203,8 @@ class SkipDecoder(nn.Module):
         self.linear = nn.Linear(n_input, n_output, bias=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() == 2:  # mlp(z) + linear(z) in one pass over the output
+            return torch.addmm(self.mlp(z), z, self.linear.weight.T)
         return self.mlp(z) + self.linear(z)
 
     def features(self, z: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,11 @@ class FCRDataset(torch.utils.data.Dataset):
     def __getitem__(self, positions) -> dict[str, np.ndarray]:
         rows = self.indices[np.atleast_1d(np.asarray(positions))]
         n = len(rows)
+        if self.pool is None and (n < 2 or bool((rows[1:] > rows[:-1]).all())):
+            batch = dict(self.base[rows])  # already sorted and distinct (e.g. inference)
+            batch[TREATMENT_IDX_KEY] = self.t_idx[rows]
+            batch[TREATMENT_DOSE_KEY] = self.t_dose[rows]
+            return batch
         partners = self.pool.sample(rows) if self.pool is not None else rows[:0]
         # one read for cells and partners: each distinct row once, in sorted order (backed
         # AnnData needs it), then back to the requested order

@@ -115,7 +115,7 @@ def counterfactual_expression(
             if groups is not None and not nb:  # the decoder is linear in its last features
                 values = [module.decoder.features(z)]
             else:
-                gen = module.generative(z, out["library"])
+                gen = module.expected_expression(z, out["library"])
                 values = [gen["px_mean"]] + ([gen["px_scale"] * NORMALIZED_SCALE] if nb else [])
             if groups is None:
                 means[k, rows] = values[0].cpu().numpy()
