@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
 MiB = 2**20
 N_CELL_LINES, N_DRUGS, DOSES = 4, 6, (0.1, 0.3, 1.0)
@@ -159,6 +160,94 @@ def generate(folder: Path, sizes: list[int], n_genes: int, seed: int) -> dict:
         "seed": seed,
     }
     (folder / "generation.json").write_text(json.dumps(record))
+    return record
+
+
+def _design(n_genes: int, seed: int):
+    """The generative model of the benchmark's design and its conditions (see ``generate``)."""
+    from fcr_tools.data import simulate_screen
+    from fcr_tools.data._simulate import CONTROL, _Model
+
+    template = simulate_screen(
+        n_cell_lines=N_CELL_LINES,
+        n_treatments=N_DRUGS,
+        doses=DOSES,
+        n_cells_per_condition=1,
+        n_genes=n_genes,
+        library_size=LIBRARY_SIZE,
+        seed=seed,
+    )
+    model = _Model(template.uns["fcr_simulation"])
+    lines, drugs, doses, vectors, weights = [], [], [], [], []
+    for c in range(N_CELL_LINES):
+        for drug, dose in [(CONTROL, 0.0)] + [(d, x) for d in model.drugs for x in DOSES]:
+            lines.append(c)
+            drugs.append(drug)
+            doses.append(dose)
+            vectors.append(model.dose_vector(drug, dose if drug != CONTROL else None))
+            weights.append(len(DOSES) if drug == CONTROL else 1)  # as simulate_screen
+    weights = np.array(weights, float) / np.sum(weights)
+    design = {"lines": np.array(lines), "drugs": drugs, "doses": doses}
+    design.update(vectors=np.stack(vectors), weights=weights, var_names=template.var_names)
+    return model, design
+
+
+def generate_stores(folder: Path, sizes: list[int], n_genes: int, seed: int) -> dict:
+    """Simulate ``max(sizes)`` cells chunk by chunk straight into on-disk stores.
+
+    The same design and generative model as :func:`generate`, but each chunk of cells is
+    appended to ``store_<n>.h5ad`` for every size ``n`` it falls in (the first ``n`` cells),
+    through :class:`fcr_tools.data.StoreWriter`: memory holds one chunk and the obs, never the
+    matrix. Also writes ``store_generation.json``.
+    """
+    import pandas as pd
+
+    from fcr_tools.data import StoreWriter
+    from fcr_tools.data._simulate import _lognormalize, _sample_counts
+
+    n_cells = max(sizes)
+    start = time.perf_counter()
+    model, d = _design(n_genes, seed)
+    rng = np.random.default_rng(seed + 1)
+    conditions = rng.choice(len(d["lines"]), size=n_cells, p=d["weights"])
+    obs = pd.DataFrame(
+        {
+            "cell_line": pd.Categorical(np.array(model.cell_lines)[d["lines"][conditions]]),
+            "drug": pd.Categorical(np.array(d["drugs"], dtype=object)[conditions]),
+            "dose": np.array(d["doses"])[conditions],
+        },
+        index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
+    )
+    var = pd.DataFrame(index=d["var_names"].copy())
+    writers = {n: StoreWriter(folder / f"store_{n}.h5ad", obs.iloc[:n], var) for n in sizes}
+    nnz = 0
+    for first in range(0, n_cells, CHUNK):
+        cond = conditions[first : first + CHUNK]
+        c, h = d["lines"][cond], model.hill(d["vectors"][cond])
+        latents = []
+        for mu, sd in (model.law_x(c), model.law_t(h), model.law_tx(c, h)):
+            latents.append((mu + sd * rng.standard_normal(mu.shape)).astype(np.float32))
+        rho = model.rho(np.concatenate(latents, axis=1).astype(np.float64))
+        library = np.exp(rng.normal(*LIBRARY_SIZE, len(cond)))
+        counts = _sample_counts(rng, library[:, None] * rho, model.theta)
+        block = sparse.csr_matrix(_lognormalize(counts).astype(np.float32))
+        del rho, counts
+        nnz += block.nnz
+        for n, writer in writers.items():
+            if first < n:
+                writer.append(block[: n - first])
+    for writer in writers.values():
+        writer.close()
+    record = {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "density": float(nnz / (n_cells * n_genes)),
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mib": _peak(False) / MiB,
+        "store_gib": {str(n): (folder / f"store_{n}.h5ad").stat().st_size / 2**30 for n in sizes},
+        "seed": seed,
+    }
+    (folder / "store_generation.json").write_text(json.dumps(record))
     return record
 
 

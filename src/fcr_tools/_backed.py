@@ -1,0 +1,164 @@
+"""Registered data on disk: stores (AnnData in backed mode) that are set up, trained on and
+written to without being read whole.
+
+A store is an AnnData opened with ``anndata.read_h5ad(path, backed=...)`` (see
+:mod:`fcr_tools.data`): obs, var and the registry live in memory, ``X`` is read from the file by
+minibatches. This module remembers what each registered store looked like at setup, so that a
+file rewritten behind the model's back is caught before it is read, and writes blocks of
+``obsm`` into the file chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._scvi_compat import data_uuid
+
+# obsm rows per HDF5 chunk of the arrays written into a store
+_OBSM_CHUNK_ROWS = 16_384
+
+
+def is_store(adata) -> bool:
+    """Whether ``adata`` is an AnnData in backed mode (its expression read from a file)."""
+    return bool(getattr(adata, "isbacked", False))
+
+
+def _open_file(adata):
+    """The open ``h5py.File`` of a backed AnnData."""
+    return adata.file["obs"].file
+
+
+@dataclass(frozen=True)
+class StoreState:
+    """What identifies a store's file and its expression matrix at setup."""
+
+    path: str
+    inode: int
+    size: int
+    mtime_ns: int
+    shape: tuple[int, int]
+    nnz: int | None
+
+    @classmethod
+    def of(cls, adata) -> StoreState:
+        """The state of the file behind ``adata`` now (its size and shape on disk)."""
+        path = os.fspath(adata.filename)
+        stat = os.stat(path)
+        matrix = adata.file["X"]
+        if "shape" in matrix.attrs:  # sparse: a group with data / indices / indptr
+            shape = tuple(int(n) for n in matrix.attrs["shape"])
+            nnz = int(matrix["data"].shape[0])
+        else:
+            shape, nnz = tuple(int(n) for n in matrix.shape), None
+        return cls(path, stat.st_ino, stat.st_size, stat.st_mtime_ns, shape, nnz)
+
+
+# data UUID -> the state of its store when it was set up (or last written by fcr_tools)
+_STATES: dict[str, StoreState] = {}
+# files fcr_tools is writing to right now (their state changes under its own writes)
+_WRITING: set[str] = set()
+
+
+def remember_store(adata) -> None:
+    """Record the state of a registered store (after ``setup_anndata``)."""
+    uuid = data_uuid(adata)
+    if uuid is not None and is_store(adata):
+        _STATES[uuid] = StoreState.of(adata)
+
+
+def check_store(adata) -> None:
+    """Fail with a clear message when a registered store's file changed since its setup.
+
+    The expression is read from the file at every minibatch while obs (with the registered
+    treatments and covariates) was read at setup: a file rewritten since (other cells, genes
+    or values) would silently pair the in-memory obs with other rows.
+    """
+    if not is_store(adata):
+        return
+    path = os.fspath(adata.filename)
+    if path in _WRITING:
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"The store {path!r} the model reads from no longer exists.")
+    try:
+        now = StoreState.of(adata)
+    except (KeyError, OSError, RuntimeError) as err:
+        raise ValueError(
+            f"The store {path!r} cannot be read any more ({err}); it was probably rewritten "
+            "after setup. Open it again with fcr_tools.data.read_store and run "
+            "FCRModel.setup_anndata on it."
+        ) from err
+    expected = (adata.n_obs, adata.n_vars)
+    problem = None
+    if now.shape != expected:
+        problem = f"its expression has shape {now.shape}, its obs / var {expected}"
+    else:
+        before = _STATES.get(data_uuid(adata))
+        if before is not None and before != now:
+            changes = [
+                name
+                for name in ("inode", "size", "mtime_ns", "nnz")
+                if getattr(before, name) != getattr(now, name)
+            ]
+            problem = "the file was modified after setup (" + ", ".join(changes) + " changed)"
+    if problem is not None:
+        raise ValueError(
+            f"The store {path!r} changed after setup_anndata: {problem}. Its obs and registry in "
+            "memory no longer describe the rows on disk. Open it again with "
+            "fcr_tools.data.read_store, run FCRModel.setup_anndata on it and create or load the "
+            "model on the new object."
+        )
+
+
+@contextmanager
+def writable(adata) -> Iterator[object]:
+    """Reopen a backed AnnData's file for writing while the block runs; yields the h5py file.
+
+    The file is reopened in its original mode afterwards and the new state remembered, so that
+    fcr_tools' own writes are not taken for a change of the store.
+    """
+    check_store(adata)
+    mode = _open_file(adata).mode
+    path = adata.filename
+    if mode != "r+":
+        adata.file.close()
+        try:
+            adata.file.open(path, "r+")
+        except OSError as err:
+            adata.file.open(path, mode)
+            raise OSError(
+                f"Cannot write into the store {os.fspath(path)!r}: {err}. Close the other "
+                "AnnData objects (or h5py files) open on it first (adata.file.close())."
+            ) from err
+    _WRITING.add(os.fspath(path))
+    try:
+        yield _open_file(adata)
+    finally:
+        _WRITING.discard(os.fspath(path))
+        if mode != "r+":
+            adata.file.close()
+            adata.file.open(path, mode)
+        if data_uuid(adata) in _STATES:
+            remember_store(adata)
+
+
+def create_obsm_arrays(h5file, n_obs: int, widths: Mapping[str, int], dtype=np.float32) -> dict:
+    """Empty ``(n_obs, width)`` arrays ``obsm/<key>`` in an ``.h5ad`` file, as anndata writes
+    dense arrays (replacing existing keys); returns the h5py datasets to fill by rows."""
+    obsm = h5file.require_group("obsm")
+    if "encoding-type" not in obsm.attrs:
+        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    arrays = {}
+    for key, width in widths.items():
+        if key in obsm:
+            del obsm[key]
+        chunks = (max(1, min(n_obs, _OBSM_CHUNK_ROWS)), max(1, width))
+        dataset = obsm.create_dataset(key, shape=(n_obs, width), dtype=dtype, chunks=chunks)
+        dataset.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        arrays[key] = dataset
+    return arrays
