@@ -20,9 +20,11 @@ from scipy import sparse
 
 # rows copied at a time by write_store (bounded memory whatever the number of cells)
 CHUNK_ROWS = 10_000
-# elements per HDF5 chunk of X's data / indices: small, so that reading one cell's row touches
-# one or two chunks
-_H5_CHUNK = 2**16
+# elements per HDF5 chunk of X's data / indices: 2 MiB of float32, more than HDF5's default
+# chunk cache (1 MiB, which anndata's backed mode uses). A chunk larger than the cache is read
+# directly, only the bytes of the cells asked for; a smaller one is read whole into the cache
+# for every cell, which made random minibatches 4-5 times slower in benchmarks/scale.py.
+_H5_CHUNK = 2**19
 
 
 def _csr_attrs(n_obs: int, n_vars: int) -> dict:
@@ -101,8 +103,8 @@ class StoreWriter:
             )
         block.sort_indices()
         nnz = block.nnz
-        for name, values in (("data", block.data.astype(self.dtype, copy=False)),
-                             ("indices", block.indices)):  # fmt: skip
+        values_of = {"data": block.data.astype(self.dtype, copy=False), "indices": block.indices}
+        for name, values in values_of.items():
             dataset = self._group[name]
             dataset.resize((self._nnz + nnz,))
             dataset[self._nnz :] = values
@@ -116,6 +118,8 @@ class StoreWriter:
         """Close the file; fail unless every cell of ``obs`` got its row."""
         if self._file is None:
             return
+        if self._nnz < 2**31 and self._group["indices"].dtype == np.int32:
+            self._narrow_indptr()
         self._file.close()
         self._file = None
         if self.n_written != self.n_obs:
@@ -123,6 +127,18 @@ class StoreWriter:
                 f"The store {os.fspath(self.path)!r} got {self.n_written} rows for "
                 f"{self.n_obs} cells in obs: it is incomplete."
             )
+
+    def _narrow_indptr(self) -> None:
+        """Store indptr as int32 like the indices (scipy recasts mixed index dtypes, on every
+        row selection, when the store is read into memory)."""
+        old = self._group["indptr"]
+        new = self._group.create_dataset(
+            "indptr_int32", shape=old.shape, dtype=np.int32, chunks=(min(old.shape[0], _H5_CHUNK),)
+        )
+        for start in range(0, old.shape[0], _H5_CHUNK):
+            new[start : start + _H5_CHUNK] = old[start : start + _H5_CHUNK]
+        del self._group["indptr"]
+        self._group.move("indptr_int32", "indptr")
 
     def __enter__(self) -> StoreWriter:
         return self
