@@ -172,6 +172,8 @@ def test_store_changed_after_setup(adata, store_path, change):
         new.X = new.X[::-1].copy()
         new.X[0, 0] += 1.0  # another file, same shape
     write_store(new, store_path)
+    with pytest.raises(ValueError, match="is closed"):
+        model.get_latent_representation()
     store.file.open()
     with pytest.raises(ValueError, match="changed after setup"):
         model.train(**TRAIN)

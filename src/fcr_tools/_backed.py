@@ -85,6 +85,11 @@ def check_store(adata) -> None:
         return
     if not os.path.exists(path):
         raise FileNotFoundError(f"The store {path!r} the model reads from no longer exists.")
+    if not adata.file.is_open:
+        raise ValueError(
+            f"The file of the store {path!r} is closed; open it again with adata.file.open() "
+            "(or open the store again with fcr_tools.data.read_store and set it up)."
+        )
     try:
         now = StoreState.of(adata)
     except (KeyError, OSError, RuntimeError) as err:
