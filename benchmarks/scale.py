@@ -368,7 +368,7 @@ def measure_ooc(
     rss_loaded = _rss()
 
     class StepTimer(Callback):
-        warmup = 20
+        warmup = min(20, steps // 4)
 
         def __init__(self):
             self.stamps = []
@@ -387,7 +387,7 @@ def measure_ooc(
     t1 = time.perf_counter(), time.process_time()
     model = FCRModel(adata)
     model.train(
-        max_epochs=1,
+        max_epochs=10**6,  # stopped by max_steps
         max_steps=steps,
         batch_size=batch_size,
         accelerator="cpu",
@@ -410,11 +410,11 @@ def measure_ooc(
     if source == "store":  # drop the latents again: the store is reused by later runs
         adata.file.close()
         with h5py.File(path, "r+") as f:
-            written = f["obsm"][keys[0]].shape
+            written = (f["obsm"][keys[0]].shape[0], sum(f["obsm"][k].shape[1] for k in keys))
             for key in keys:
                 del f["obsm"][key]
     else:
-        written = adata.obsm[keys[0]].shape
+        written = (adata.n_obs, sum(adata.obsm[key].shape[1] for key in keys))
     return {
         "source": source,
         "n_cells": adata.n_obs,
@@ -449,6 +449,9 @@ def _markdown_ooc(result: dict) -> str:
     m = result["machine"]
     g = result["data"]
     runs = result["runs"]
+    largest = max(runs, key=lambda r: r["n_cells"])
+    epoch_steps = int(np.ceil(0.9 * largest["n_cells"] / largest["batch_size"]))
+    epoch_minutes = epoch_steps * largest["step_ms"] / 60_000
     lines = [
         "# Out-of-core scale benchmark: training from an on-disk store",
         "",
@@ -465,14 +468,17 @@ def _markdown_ooc(result: dict) -> str:
         "",
         f"Data: {g['n_cells']:,} simulated cells x {g['n_genes']} genes (4 cell lines x 6 drugs x "
         f"3 doses + controls), sparse CSR float32, {100 * g['density']:.0f}% non-zero, written "
-        f"chunk by chunk with `fcr_tools.data.StoreWriter` into stores of the first 10^5, 10^6 "
-        f"and 2x10^6 cells in {g['seconds']:.0f} s (peak {g['peak_rss_mib']:.0f} MiB). "
+        "chunk by chunk with `fcr_tools.data.StoreWriter` into stores of the first "
+        f"{', '.join(f'{int(n):,}' for n in g['store_gib'])} cells "
+        f"({', '.join(f'{v:.2f}' for v in g['store_gib'].values())} GiB) in "
+        f"{g['seconds']:.0f} s (peak RSS {g['peak_rss_mib']:.0f} MiB). "
         f"Model: `FCRModel` defaults (latents 16+16+16, 128 hidden units, gaussian). Training: "
         f"{runs[0]['steps']} steps of {runs[0]['batch_size']} cells (each with its control "
-        "partner read from the store), not full epochs (an epoch of 2x10^6 cells is 7,000 "
-        "steps, about 10 minutes on one thread here); throughput over the steps after the "
-        "first 20. Then `write_latents` for every cell (batches of 4,096; into the store's "
-        "`obsm` for a store, in memory otherwise). One torch thread.",
+        "partner), not full epochs: an epoch of the largest store is "
+        f"{epoch_steps:,} steps, about {epoch_minutes:.0f} minutes at the measured step time. "
+        "Throughput over the steps after the first 20. Then `write_latents` for every cell "
+        "(batches of 4,096; into the store's `obsm` for a store, into memory otherwise). One "
+        "torch thread.",
         "",
         "| cells | X read from | store (GiB) | RSS after open (MiB) | peak RSS (MiB) "
         "| setup (s) | ms / step | cells / s | cells / CPU s | write latents (s) |",
@@ -695,6 +701,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main_ooc(args, command: str, data: Path, base: list[str], result: dict) -> None:
     """The driver of ``--ooc``: build the stores if missing, then one process per run."""
+    if args.data is not None:  # the folder is the reader's own: no local path in the results
+        command = command.replace(shlex.quote(str(args.data)), "DATA_DIR")
     result["command"] = command
     missing = [n for n in args.sizes if not (data / f"store_{n}.h5ad").exists()]
     if missing:

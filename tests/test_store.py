@@ -57,6 +57,23 @@ def test_write_store_round_trip(adata, store_path):
     np.testing.assert_array_equal(read_store("layer.h5ad").X[:].toarray(), store.X[:].toarray())
 
 
+def test_store_writer_staged_and_sized(adata, tmp_path):
+    # unknown nnz: staged in a side file, laid out on close; known nnz: written in place
+    expected = adata.X.astype(np.float32)
+    for nnz in (None, int(np.count_nonzero(expected))):
+        with StoreWriter(tmp_path / "w.h5ad", adata.obs, adata.var, nnz=nnz) as writer:
+            for start in range(0, adata.n_obs, 33):
+                writer.append(adata.X[start : start + 33])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["w.h5ad"]
+        store = read_store(tmp_path / "w.h5ad")
+        np.testing.assert_array_equal(store.X[:].toarray(), expected)
+        assert store.X.group["indptr"].dtype == np.int32
+        store.file.close()
+    with pytest.raises(ValueError, match="nnz=5"):
+        with StoreWriter(tmp_path / "w.h5ad", adata.obs.iloc[:1], adata.var, nnz=5) as writer:
+            writer.append(adata.X[:1])
+
+
 def test_store_writer_checks_its_rows(adata, tmp_path):
     with pytest.raises(ValueError, match="genes"):
         with StoreWriter(tmp_path / "w.h5ad", adata.obs, adata.var) as writer:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._constants import X_KEY
 from ._scvi_compat import data_uuid
 
 # obsm rows per HDF5 chunk of the arrays written into a store
@@ -167,3 +168,86 @@ def create_obsm_arrays(h5file, n_obs: int, widths: Mapping[str, int], dtype=np.f
         dataset.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         arrays[key] = dataset
     return arrays
+
+
+class CSRRows:
+    """Read rows of a CSR matrix stored in an HDF5 group (an ``.h5ad`` store) as dense arrays.
+
+    The row pointers are held in memory (4 or 8 bytes per cell); the values and column indices
+    are read from the file, one read per run of consecutive rows. Unlike indexing anndata's
+    backed matrix, nothing is computed over all the cells per read (anndata builds a mask of
+    the whole first axis for every minibatch).
+
+    Parameters
+    ----------
+    group
+        The ``h5py.Group`` of the matrix (``data``, ``indices``, ``indptr``, attribute
+        ``shape``).
+    """
+
+    def __init__(self, group):
+        self.shape = tuple(int(n) for n in group.attrs["shape"])
+        self.indptr = group["indptr"][...]
+        self.data = group["data"]
+        self.indices = group["indices"]
+
+    @classmethod
+    def of(cls, matrix) -> CSRRows | None:
+        """A reader of ``matrix`` when it is a CSR matrix in an HDF5 file (AnnData's backed
+        ``X`` or layer), else ``None``."""
+        import h5py
+
+        group = getattr(matrix, "group", None)
+        if getattr(matrix, "format", None) != "csr" or not isinstance(group, h5py.Group):
+            return None
+        return cls(group)
+
+    def __call__(self, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """The dense ``(len(rows), n_vars)`` rows ``rows`` (sorted, without repeats)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, stops = self.indptr[rows], self.indptr[rows + 1]
+        lengths = (stops - starts).astype(np.int64)
+        total = int(lengths.sum())
+        values = np.empty(total, dtype=self.data.dtype)
+        columns = np.empty(total, dtype=self.indices.dtype)
+        # runs of consecutive rows are contiguous in the file: one read each
+        breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+        first = np.concatenate([[0], breaks])
+        last = np.concatenate([breaks, [len(rows)]]) - 1
+        offset = 0
+        for i, j in zip(first.tolist(), last.tolist(), strict=True):
+            begin, end = int(starts[i]), int(stops[j])
+            if end > begin:
+                target = np.s_[offset : offset + end - begin]
+                self.data.read_direct(values, np.s_[begin:end], target)
+                self.indices.read_direct(columns, np.s_[begin:end], target)
+                offset += end - begin
+        dense = np.zeros((len(rows), self.shape[1]), dtype=dtype)
+        dense[np.repeat(np.arange(len(rows)), lengths), columns] = values
+        return dense
+
+
+class StoreRows:
+    """Minibatches of a registered store: ``X`` read by :class:`CSRRows`, the other registered
+    fields by scvi-tools' torch dataset; ``dataset[rows]`` (sorted, distinct rows) returns the
+    dict of arrays scvi-tools' dataset returns."""
+
+    def __init__(self, adata_manager, matrix_key: str, reader: CSRRows):
+        keys = [key for key in adata_manager.data_registry if key != matrix_key]
+        self.base = adata_manager.create_torch_dataset(data_and_attributes=keys)
+        self.matrix_key = matrix_key
+        self.reader = reader
+
+    @classmethod
+    def of(cls, adata_manager, matrix_key: str = X_KEY) -> StoreRows | None:
+        """The reader of a manager whose expression is a CSR matrix on disk, else ``None``."""
+        reader = CSRRows.of(adata_manager.get_from_registry(matrix_key))
+        return None if reader is None else cls(adata_manager, matrix_key, reader)
+
+    def __len__(self) -> int:
+        return self.reader.shape[0]
+
+    def __getitem__(self, rows) -> dict[str, np.ndarray]:
+        data = self.base[rows]
+        data[self.matrix_key] = self.reader(rows)
+        return data

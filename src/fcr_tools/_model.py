@@ -277,7 +277,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         adata
             Cells x genes. ``adata.X`` (or ``layer``) holds log-normalised expression for
-            ``likelihood="gaussian"`` or raw counts for ``likelihood="nb"``.
+            ``likelihood="gaussian"`` or raw counts for ``likelihood="nb"``. A store (an
+            AnnData in backed mode, see :func:`fcr_tools.data.read_store`) keeps its
+            expression on disk: minibatches read their rows from the file.
         treatment_key
             Categorical obs column with the treatment of each cell. Combinations are written
             ``"drugA+drugB"``.

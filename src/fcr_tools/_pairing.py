@@ -16,6 +16,7 @@ from scvi.data import AnnDataManager
 from scvi.dataloaders import DataSplitter
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from ._backed import StoreRows
 from ._constants import (
     CONTROL_X_KEY,
     COVARIATES_KEY,
@@ -141,7 +142,10 @@ class FCRDataset(torch.utils.data.Dataset):
         treatments: tuple[np.ndarray, np.ndarray],
         pool: ControlPool | None = None,
     ):
-        self.base = adata_manager.create_torch_dataset()
+        # the rows of an AnnData through scvi-tools, of a store (X on disk) through StoreRows
+        self.base = StoreRows.of(adata_manager)
+        if self.base is None:
+            self.base = adata_manager.create_torch_dataset()
         self.indices = np.asarray(indices)
         self.t_idx, self.t_dose = treatments
         self.pool = pool

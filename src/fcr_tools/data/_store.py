@@ -20,15 +20,17 @@ from scipy import sparse
 
 # rows copied at a time by write_store (bounded memory whatever the number of cells)
 CHUNK_ROWS = 10_000
-# elements per HDF5 chunk of X's data / indices: 2 MiB of float32, more than HDF5's default
-# chunk cache (1 MiB, which anndata's backed mode uses). A chunk larger than the cache is read
-# directly, only the bytes of the cells asked for; a smaller one is read whole into the cache
-# for every cell, which made random minibatches 4-5 times slower in benchmarks/scale.py.
-_H5_CHUNK = 2**19
+# values copied at a time when a staged store is laid out at close
+_COPY_VALUES = 2**24
 
 
 def _csr_attrs(n_obs: int, n_vars: int) -> dict:
     return {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n_obs, n_vars)}
+
+
+def _index_dtype(nnz: int, n_vars: int) -> np.dtype:
+    """int32 for indices and indptr when both fit (scipy wants the two of the same dtype)."""
+    return np.dtype(np.int32 if max(nnz, n_vars) < 2**31 else np.int64)
 
 
 class StoreWriter:
@@ -37,6 +39,12 @@ class StoreWriter:
     ``obs`` and ``var`` (small) are written first; :meth:`append` then adds the expression of
     the next cells, in the order of ``obs``, as CSR rows. Use as a context manager: on exit the
     number of rows written is checked against ``obs``.
+
+    The matrix is stored contiguously (not in HDF5 chunks): reading one cell's row is then one
+    small read, where a chunked layout reads whole chunks (6-20 times slower per random row in
+    ``benchmarks/scale.py``'s measurements). When the number of stored values is not known in
+    advance (``nnz=None``), the rows are staged in a temporary file next to ``path`` and copied
+    into place, chunk by chunk, on close.
 
     Parameters
     ----------
@@ -48,6 +56,8 @@ class StoreWriter:
         One row per gene (its index: the gene names).
     dtype
         Stored dtype of the expression values.
+    nnz
+        The number of stored (non-zero) values of the whole matrix, if known.
 
     Examples
     --------
@@ -66,26 +76,42 @@ class StoreWriter:
         obs: pd.DataFrame,
         var: pd.DataFrame,
         dtype: np.dtype | str = np.float32,
+        nnz: int | None = None,
     ):
         self.path = Path(path)
         self.n_obs, self.n_vars = len(obs), len(var)
         self.dtype = np.dtype(dtype)
+        self.nnz = nnz
         self.n_written = 0
+        self._nnz = 0
         # everything but X through anndata itself (obs, var, the empty mappings, the format)
-        skeleton = ad.AnnData(obs=obs, var=var)
-        skeleton.write_h5ad(self.path)
-        del skeleton
+        ad.AnnData(obs=obs, var=var).write_h5ad(self.path)
         self._file = h5py.File(self.path, "r+")
+        self._staging = None
+        if nnz is None:  # resizable datasets in a side file, laid out in place on close
+            self._staging = h5py.File(self._staging_path, "w")
+            target = self._staging
+            kinds = {"data": self.dtype, "indices": _index_dtype(0, self.n_vars)}
+            for name, kind in kinds.items():
+                target.create_dataset(name, (0,), maxshape=(None,), dtype=kind, chunks=(2**16,))
+            target.create_dataset("indptr", data=np.zeros(1, np.int64), maxshape=(None,))
+        else:
+            target = self._create_x(nnz)
+        self._target = target
+
+    @property
+    def _staging_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".staging")
+
+    def _create_x(self, nnz: int):
+        """The store's empty, contiguous ``X`` group for ``nnz`` stored values."""
         group = self._file.create_group("X")
         group.attrs.update(_csr_attrs(self.n_obs, self.n_vars))
-        index_dtype = np.int32 if self.n_vars < 2**31 else np.int64
-        for name, kind in (("data", self.dtype), ("indices", index_dtype)):
-            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=kind, chunks=_H5_CHUNK)
-        group.create_dataset(
-            "indptr", data=np.zeros(1, np.int64), maxshape=(None,), chunks=_H5_CHUNK
-        )
-        self._group = group
-        self._nnz = 0
+        index = _index_dtype(nnz, self.n_vars)
+        group.create_dataset("data", (nnz,), dtype=self.dtype)
+        group.create_dataset("indices", (nnz,), dtype=index)
+        group.create_dataset("indptr", data=np.zeros(self.n_obs + 1, dtype=index))
+        return group
 
     def append(self, rows) -> None:
         """Add the expression of the next cells (a sparse or dense ``(n, n_vars)`` block)."""
@@ -102,51 +128,56 @@ class StoreWriter:
                 f"{self.n_obs})."
             )
         block.sort_indices()
-        nnz = block.nnz
-        values_of = {"data": block.data.astype(self.dtype, copy=False), "indices": block.indices}
-        for name, values in values_of.items():
-            dataset = self._group[name]
-            dataset.resize((self._nnz + nnz,))
-            dataset[self._nnz :] = values
-        indptr = self._group["indptr"]
-        indptr.resize((self.n_written + block.shape[0] + 1,))
-        indptr[self.n_written + 1 :] = block.indptr[1:].astype(np.int64) + self._nnz
-        self._nnz += nnz
-        self.n_written += block.shape[0]
+        end, stop = self._nnz + block.nnz, self.n_written + block.shape[0]
+        if self.nnz is not None and end > self.nnz:
+            raise ValueError(f"More stored values than nnz={self.nnz}.")
+        target = self._target
+        if self._staging is not None:
+            for name in ("data", "indices"):
+                target[name].resize((end,))
+            target["indptr"].resize((stop + 1,))
+        target["data"][self._nnz : end] = block.data.astype(self.dtype, copy=False)
+        target["indices"][self._nnz : end] = block.indices
+        target["indptr"][self.n_written + 1 : stop + 1] = (
+            block.indptr[1:].astype(np.int64) + self._nnz
+        )
+        self._nnz, self.n_written = end, stop
 
     def close(self) -> None:
-        """Close the file; fail unless every cell of ``obs`` got its row."""
+        """Lay out and close the file; fail unless every cell of ``obs`` got its row."""
         if self._file is None:
             return
-        if self._nnz < 2**31 and self._group["indices"].dtype == np.int32:
-            self._narrow_indptr()
+        try:
+            if self.n_written != self.n_obs:
+                raise ValueError(
+                    f"The store {os.fspath(self.path)!r} got {self.n_written} rows for "
+                    f"{self.n_obs} cells in obs: it is incomplete."
+                )
+            if self.nnz is not None and self._nnz != self.nnz:
+                raise ValueError(f"{self._nnz} stored values were written, not nnz={self.nnz}.")
+            if self._staging is not None:
+                group = self._create_x(self._nnz)
+                for name, staged in self._staging.items():
+                    for start in range(0, staged.shape[0], _COPY_VALUES):
+                        part = staged[start : start + _COPY_VALUES]
+                        group[name][start : start + len(part)] = part
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         self._file.close()
         self._file = None
-        if self.n_written != self.n_obs:
-            raise ValueError(
-                f"The store {os.fspath(self.path)!r} got {self.n_written} rows for "
-                f"{self.n_obs} cells in obs: it is incomplete."
-            )
-
-    def _narrow_indptr(self) -> None:
-        """Store indptr as int32 like the indices (scipy recasts mixed index dtypes, on every
-        row selection, when the store is read into memory)."""
-        old = self._group["indptr"]
-        new = self._group.create_dataset(
-            "indptr_int32", shape=old.shape, dtype=np.int32, chunks=(min(old.shape[0], _H5_CHUNK),)
-        )
-        for start in range(0, old.shape[0], _H5_CHUNK):
-            new[start : start + _H5_CHUNK] = old[start : start + _H5_CHUNK]
-        del self._group["indptr"]
-        self._group.move("indptr_int32", "indptr")
+        if self._staging is not None:
+            self._staging.close()
+            self._staging_path.unlink()
+            self._staging = None
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         if exc[0] is not None and self._file is not None:  # keep the original error
-            self._file.close()
-            self._file = None
+            self._release()
             return
         self.close()
 
@@ -184,7 +215,7 @@ def write_store(
     >>> write_store(simulate_screen(n_cells_per_condition=5, n_genes=20), "screen.h5ad")
     >>> store = read_store("screen.h5ad")
     >>> store.isbacked, store.shape
-    (True, (120, 20))
+    (True, (420, 20))
     """
     opened = None
     if not isinstance(source, ad.AnnData):
@@ -205,12 +236,22 @@ def write_store(
             )
         obs = source.obs.copy()
         var = source.var.copy()
-        with StoreWriter(path, obs, var, dtype=dtype) as writer:
+        with StoreWriter(path, obs, var, dtype=dtype, nnz=_stored_values(matrix)) as writer:
             for start in range(0, source.n_obs, chunk_rows):
                 writer.append(matrix[start : start + chunk_rows])
     finally:
         if opened is not None:
             opened.file.close()
+
+
+def _stored_values(matrix) -> int | None:
+    """The number of stored values of a sparse matrix in memory or on disk (else ``None``)."""
+    if sparse.issparse(matrix):
+        return int(matrix.nnz)
+    group = getattr(matrix, "group", None)
+    if _format(matrix) is not None and group is not None:
+        return int(group["data"].shape[0])
+    return None
 
 
 def _format(matrix) -> str | None:
@@ -239,9 +280,15 @@ def read_store(path: str | os.PathLike) -> ad.AnnData:
 
     Examples
     --------
+    >>> from fcr_tools import FCRModel
+    >>> from fcr_tools.data import simulate_screen, write_store
+    >>> write_store(simulate_screen(n_cells_per_condition=5, n_genes=20), "screen.h5ad")
     >>> store = read_store("screen.h5ad")
     >>> type(store.X).__name__
     '_CSRDataset'
+    >>> FCRModel.setup_anndata(
+    ...     store, treatment_key="drug", dose_key="dose", covariate_keys="cell_line"
+    ... )
     """
     adata = ad.read_h5ad(path, backed="r")
     if _format(adata.X) == "csc":
