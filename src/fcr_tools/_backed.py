@@ -11,6 +11,7 @@ file rewritten behind the model's back is caught before it is read, and writes b
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -170,6 +171,9 @@ def create_obsm_arrays(h5file, n_obs: int, widths: Mapping[str, int], dtype=np.f
     return arrays
 
 
+_READERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 class CSRRows:
     """Read rows of a CSR matrix stored in an HDF5 group (an ``.h5ad`` store) as dense arrays.
 
@@ -200,7 +204,14 @@ class CSRRows:
         group = getattr(matrix, "group", None)
         if getattr(matrix, "format", None) != "csr" or not isinstance(group, h5py.Group):
             return None
-        return cls(group)
+        # one reader per matrix while any loader holds it: the training and validation loaders
+        # share the row pointers instead of holding a copy each
+        stat = os.stat(group.file.filename)
+        key = (os.path.realpath(group.file.filename), group.name, stat.st_ino, stat.st_mtime_ns)
+        reader = _READERS.get(key)
+        if reader is None or not reader.data.id.valid:  # none, or of a file closed since
+            reader = _READERS[key] = cls(group)
+        return reader
 
     def __call__(self, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
         """The dense ``(len(rows), n_vars)`` rows ``rows`` (sorted, without repeats)."""

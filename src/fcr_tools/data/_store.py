@@ -94,7 +94,9 @@ class StoreWriter:
             kinds = {"data": self.dtype, "indices": _index_dtype(0, self.n_vars)}
             for name, kind in kinds.items():
                 target.create_dataset(name, (0,), maxshape=(None,), dtype=kind, chunks=(2**16,))
-            target.create_dataset("indptr", data=np.zeros(1, np.int64), maxshape=(None,))
+            target.create_dataset(
+                "indptr", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(2**16,)
+            )
         else:
             target = self._create_x(nnz)
         self._target = target
@@ -108,8 +110,8 @@ class StoreWriter:
         group = self._file.create_group("X")
         group.attrs.update(_csr_attrs(self.n_obs, self.n_vars))
         index = _index_dtype(nnz, self.n_vars)
-        group.create_dataset("data", (nnz,), dtype=self.dtype)
-        group.create_dataset("indices", (nnz,), dtype=index)
+        group.create_dataset("data", (nnz,), dtype=self.dtype, fill_time="never")
+        group.create_dataset("indices", (nnz,), dtype=index, fill_time="never")
         group.create_dataset("indptr", data=np.zeros(self.n_obs + 1, dtype=index))
         return group
 
