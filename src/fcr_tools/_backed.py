@@ -216,23 +216,18 @@ class CSRRows:
     def __call__(self, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
         """The dense ``(len(rows), n_vars)`` rows ``rows`` (sorted, without repeats)."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros((0, self.shape[1]), dtype=dtype)
         starts, stops = self.indptr[rows], self.indptr[rows + 1]
         lengths = (stops - starts).astype(np.int64)
-        total = int(lengths.sum())
-        values = np.empty(total, dtype=self.data.dtype)
-        columns = np.empty(total, dtype=self.indices.dtype)
-        # runs of consecutive rows are contiguous in the file: one read each
+        # runs of consecutive rows are contiguous in the file: one read each (plain slicing:
+        # h5py's read_direct costs several times more per call)
         breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
-        first = np.concatenate([[0], breaks])
-        last = np.concatenate([breaks, [len(rows)]]) - 1
-        offset = 0
-        for i, j in zip(first.tolist(), last.tolist(), strict=True):
-            begin, end = int(starts[i]), int(stops[j])
-            if end > begin:
-                target = np.s_[offset : offset + end - begin]
-                self.data.read_direct(values, np.s_[begin:end], target)
-                self.indices.read_direct(columns, np.s_[begin:end], target)
-                offset += end - begin
+        begins = starts[np.concatenate([[0], breaks])].tolist()
+        ends = stops[np.concatenate([breaks, [len(rows)]]) - 1].tolist()
+        runs = [(b, e) for b, e in zip(begins, ends, strict=True) if e > b]
+        values = np.concatenate([self.data[b:e] for b, e in runs] or [self.data[0:0]])
+        columns = np.concatenate([self.indices[b:e] for b, e in runs] or [self.indices[0:0]])
         dense = np.zeros((len(rows), self.shape[1]), dtype=dtype)
         dense[np.repeat(np.arange(len(rows)), lengths), columns] = values
         return dense
