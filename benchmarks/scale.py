@@ -473,15 +473,17 @@ def _markdown_ooc(result: dict) -> str:
         f"({', '.join(f'{v:.2f}' for v in g['store_gib'].values())} GiB) in "
         f"{g['seconds']:.0f} s (peak RSS {g['peak_rss_mib']:.0f} MiB). "
         f"Model: `FCRModel` defaults (latents 16+16+16, 128 hidden units, gaussian). Training: "
-        f"{runs[0]['steps']} steps of {runs[0]['batch_size']} cells (each with its control "
-        "partner), not full epochs: an epoch of the largest store is "
-        f"{epoch_steps:,} steps, about {epoch_minutes:.0f} minutes at the measured step time. "
-        "Throughput over the steps after the first 20. Then `write_latents` for every cell "
+        f"`max_steps={runs[0]['steps']}` (Lightning counts optimizer steps; FCR makes two per "
+        f"minibatch, so {runs[0]['steps'] // 2} minibatches of {runs[0]['batch_size']} cells, "
+        "each cell with its control partner), not full epochs: an epoch of the largest store "
+        f"is {epoch_steps:,} minibatches, about {epoch_minutes:.0f} minutes at the measured "
+        f"time per minibatch. Throughput over the {runs[0]['timed_steps']} minibatches after the "
+        "first 20. Then `write_latents` for every cell "
         "(batches of 4,096; into the store's `obsm` for a store, into memory otherwise). One "
         "torch thread.",
         "",
         "| cells | X read from | store (GiB) | RSS after open (MiB) | peak RSS (MiB) "
-        "| setup (s) | ms / step | cells / s | cells / CPU s | write latents (s) |",
+        "| setup (s) | ms / minibatch | cells / s | cells / CPU s | write latents (s) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
@@ -496,11 +498,26 @@ def _markdown_ooc(result: dict) -> str:
     if stores:
         peaks = [r["peak_rss_mib"] for r in stores]
         mid = (max(peaks) + min(peaks)) / 2
+        small, large = stores[0], stores[-1]
+        cells = large["n_cells"] - small["n_cells"]
+
+        def per_cell(key, base=None):
+            grow = large[key] - small[key]
+            if base is not None:
+                grow -= large[base] - small[base]
+            return grow * MiB / cells
+
         lines += [
             "",
             f"Peak RSS from the store: {min(peaks):.0f}-{max(peaks):.0f} MiB over "
-            f"{stores[0]['n_cells']:,}-{stores[-1]['n_cells']:,} cells, i.e. "
-            f"{mid:.0f} MiB ± {100 * (max(peaks) - mid) / mid:.0f}%.",
+            f"{small['n_cells']:,}-{large['n_cells']:,} cells: the largest is "
+            f"{max(peaks) / min(peaks):.2f} times the smallest, or {mid:.0f} MiB ± "
+            f"{100 * (max(peaks) - mid) / mid:.0f}%. Per additional cell: "
+            f"{per_cell('rss_loaded_mib'):.0f} bytes for obs as read by anndata (its index of "
+            f"cell names is Python strings), {per_cell('rss_trained_mib', 'rss_loaded_mib'):.0f}"
+            f" bytes held after training by fcr_tools, scvi-tools and Lightning (registry, "
+            f"treatment codes, control groups, split, row pointers), "
+            f"{per_cell('peak_rss_mib'):.0f} bytes of peak in all.",
         ]
     same = [(s, r) for s in stores for r in memory if s["n_cells"] == r["n_cells"]]
     for s, r in same:

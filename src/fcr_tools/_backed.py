@@ -3,9 +3,10 @@ written to without being read whole.
 
 A store is an AnnData opened with ``anndata.read_h5ad(path, backed=...)`` (see
 :mod:`fcr_tools.data`): obs, var and the registry live in memory, ``X`` is read from the file by
-minibatches. This module remembers what each registered store looked like at setup, so that a
-file rewritten behind the model's back is caught before it is read, and writes blocks of
-``obsm`` into the file chunk by chunk.
+minibatches. This module reads those minibatches (:class:`CSRRows`, :class:`StoreRows`),
+remembers what each registered store looked like at setup, so that a file rewritten behind the
+model's back is caught before it is read, and writes blocks of ``obsm`` into the file chunk by
+chunk.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class StoreWriter:
                 f"More rows than obs has cells ({self.n_written} + {block.shape[0]} > "
                 f"{self.n_obs})."
             )
-        block.sort_indices()
+        block.sum_duplicates()  # sorted column indices, each at most once per row
         end, stop = self._nnz + block.nnz, self.n_written + block.shape[0]
         if self.nnz is not None and end > self.nnz:
             raise ValueError(f"More stored values than nnz={self.nnz}.")
