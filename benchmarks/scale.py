@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
 MiB = 2**20
 N_CELL_LINES, N_DRUGS, DOSES = 4, 6, (0.1, 0.3, 1.0)
@@ -162,6 +163,94 @@ def generate(folder: Path, sizes: list[int], n_genes: int, seed: int) -> dict:
     return record
 
 
+def _design(n_genes: int, seed: int):
+    """The generative model of the benchmark's design and its conditions (see ``generate``)."""
+    from fcr_tools.data import simulate_screen
+    from fcr_tools.data._simulate import CONTROL, _Model
+
+    template = simulate_screen(
+        n_cell_lines=N_CELL_LINES,
+        n_treatments=N_DRUGS,
+        doses=DOSES,
+        n_cells_per_condition=1,
+        n_genes=n_genes,
+        library_size=LIBRARY_SIZE,
+        seed=seed,
+    )
+    model = _Model(template.uns["fcr_simulation"])
+    lines, drugs, doses, vectors, weights = [], [], [], [], []
+    for c in range(N_CELL_LINES):
+        for drug, dose in [(CONTROL, 0.0)] + [(d, x) for d in model.drugs for x in DOSES]:
+            lines.append(c)
+            drugs.append(drug)
+            doses.append(dose)
+            vectors.append(model.dose_vector(drug, dose if drug != CONTROL else None))
+            weights.append(len(DOSES) if drug == CONTROL else 1)  # as simulate_screen
+    weights = np.array(weights, float) / np.sum(weights)
+    design = {"lines": np.array(lines), "drugs": drugs, "doses": doses}
+    design.update(vectors=np.stack(vectors), weights=weights, var_names=template.var_names)
+    return model, design
+
+
+def generate_stores(folder: Path, sizes: list[int], n_genes: int, seed: int) -> dict:
+    """Simulate ``max(sizes)`` cells chunk by chunk straight into on-disk stores.
+
+    The same design and generative model as :func:`generate`, but each chunk of cells is
+    appended to ``store_<n>.h5ad`` for every size ``n`` it falls in (the first ``n`` cells),
+    through :class:`fcr_tools.data.StoreWriter`: memory holds one chunk and the obs, never the
+    matrix. Also writes ``store_generation.json``.
+    """
+    import pandas as pd
+
+    from fcr_tools.data import StoreWriter
+    from fcr_tools.data._simulate import _lognormalize, _sample_counts
+
+    n_cells = max(sizes)
+    start = time.perf_counter()
+    model, d = _design(n_genes, seed)
+    rng = np.random.default_rng(seed + 1)
+    conditions = rng.choice(len(d["lines"]), size=n_cells, p=d["weights"])
+    obs = pd.DataFrame(
+        {
+            "cell_line": pd.Categorical(np.array(model.cell_lines)[d["lines"][conditions]]),
+            "drug": pd.Categorical(np.array(d["drugs"], dtype=object)[conditions]),
+            "dose": np.array(d["doses"])[conditions],
+        },
+        index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
+    )
+    var = pd.DataFrame(index=d["var_names"].copy())
+    writers = {n: StoreWriter(folder / f"store_{n}.h5ad", obs.iloc[:n], var) for n in sizes}
+    nnz = 0
+    for first in range(0, n_cells, CHUNK):
+        cond = conditions[first : first + CHUNK]
+        c, h = d["lines"][cond], model.hill(d["vectors"][cond])
+        latents = []
+        for mu, sd in (model.law_x(c), model.law_t(h), model.law_tx(c, h)):
+            latents.append((mu + sd * rng.standard_normal(mu.shape)).astype(np.float32))
+        rho = model.rho(np.concatenate(latents, axis=1).astype(np.float64))
+        library = np.exp(rng.normal(*LIBRARY_SIZE, len(cond)))
+        counts = _sample_counts(rng, library[:, None] * rho, model.theta)
+        block = sparse.csr_matrix(_lognormalize(counts).astype(np.float32))
+        del rho, counts
+        nnz += block.nnz
+        for n, writer in writers.items():
+            if first < n:
+                writer.append(block[: n - first])
+    for writer in writers.values():
+        writer.close()
+    record = {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "density": float(nnz / (n_cells * n_genes)),
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mib": _peak(False) / MiB,
+        "store_gib": {str(n): (folder / f"store_{n}.h5ad").stat().st_size / 2**30 for n in sizes},
+        "seed": seed,
+    }
+    (folder / "store_generation.json").write_text(json.dumps(record))
+    return record
+
+
 # ------------------------------------------------------------------------------ one size
 def measure(
     data: Path, n_cells: int, accelerator: str, batch_size: int, threads: int | None
@@ -245,6 +334,211 @@ def measure(
         "torch_threads": torch.get_num_threads(),
         "train_loss": float(model.history["train_loss"].to_numpy(dtype=float).ravel()[-1]),
     }
+
+
+# ------------------------------------------------------------------------------ out of core
+def measure_ooc(
+    data: Path, n_cells: int, source: str, batch_size: int, steps: int, threads: int | None
+) -> dict:
+    """Train ``steps`` steps from ``store_<n>.h5ad`` read as a store (``source="store"``) or
+    whole into memory (``"memory"``), then write the latents of every cell; time and memory.
+
+    Peak resident memory is that of the whole process since its start (Python, torch and
+    scvi-tools included). Throughput is measured over the training steps after the first 20
+    (warm-up), in cells per second of wall-clock and of CPU time.
+    """
+    import anndata as ad
+    import h5py
+    import scvi
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from fcr_tools import FCRModel
+    from fcr_tools.data import read_store
+
+    if threads:
+        torch.set_num_threads(threads)
+    scvi.settings.seed = 0
+    scvi.settings.logging_dir = Path(tempfile.mkdtemp())
+    path = data / f"store_{n_cells}.h5ad"
+    rss_start = _rss()
+    t0 = time.perf_counter()
+    adata = read_store(path) if source == "store" else ad.read_h5ad(path)
+    open_s = time.perf_counter() - t0
+    rss_loaded = _rss()
+
+    class StepTimer(Callback):
+        warmup = min(20, steps // 4)
+
+        def __init__(self):
+            self.stamps = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.stamps.append((time.perf_counter(), time.process_time()))
+
+        def on_train_end(self, trainer, module):
+            self.stamps.append((time.perf_counter(), time.process_time()))
+
+    timer = StepTimer()
+    t0 = time.perf_counter(), time.process_time()
+    FCRModel.setup_anndata(
+        adata, treatment_key="drug", dose_key="dose", covariate_keys="cell_line"
+    )
+    t1 = time.perf_counter(), time.process_time()
+    model = FCRModel(adata)
+    model.train(
+        max_epochs=10**6,  # stopped by max_steps
+        max_steps=steps,
+        batch_size=batch_size,
+        accelerator="cpu",
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    t2 = time.perf_counter(), time.process_time()
+    stamps = timer.stamps[timer.warmup :]
+    timed_steps = len(stamps) - 1
+    wall = stamps[-1][0] - stamps[0][0]
+    cpu = stamps[-1][1] - stamps[0][1]
+    rss_trained = _rss()
+    t3 = time.perf_counter(), time.process_time()
+    model.write_latents(batch_size=4096)
+    t4 = time.perf_counter(), time.process_time()
+    peak = _peak(False)
+    keys = [f"X_fcr_{b}" for b in ("x", "t", "tx")]
+    if source == "store":  # drop the latents again: the store is reused by later runs
+        adata.file.close()
+        with h5py.File(path, "r+") as f:
+            written = (f["obsm"][keys[0]].shape[0], sum(f["obsm"][k].shape[1] for k in keys))
+            for key in keys:
+                del f["obsm"][key]
+    else:
+        written = (adata.n_obs, sum(adata.obsm[key].shape[1] for key in keys))
+    return {
+        "source": source,
+        "n_cells": adata.n_obs,
+        "n_genes": adata.n_vars,
+        "store_gib": path.stat().st_size / 2**30,
+        "open_s": open_s,
+        "rss_start_mib": rss_start / MiB,
+        "rss_loaded_mib": rss_loaded / MiB,
+        "rss_trained_mib": rss_trained / MiB,
+        "peak_rss_mib": peak / MiB,
+        "setup_s": t1[0] - t0[0],
+        "setup_cpu_s": t1[1] - t0[1],
+        "train_call_s": t2[0] - t1[0],
+        "steps": steps,
+        "timed_steps": timed_steps,
+        "batch_size": batch_size,
+        "cells_per_s": timed_steps * batch_size / wall,
+        "cells_per_cpu_s": timed_steps * batch_size / cpu,
+        "step_ms": 1000 * wall / timed_steps,
+        "step_cpu_ms": 1000 * cpu / timed_steps,
+        "write_latents_s": t4[0] - t3[0],
+        "write_latents_cpu_s": t4[1] - t3[1],
+        "latents_shape": list(written),
+        "torch_threads": torch.get_num_threads(),
+        "train_loss_last": float(model.history["train_loss_step"].to_numpy(float).ravel()[-1])
+        if "train_loss_step" in model.history
+        else None,
+    }
+
+
+def _markdown_ooc(result: dict) -> str:
+    m = result["machine"]
+    g = result["data"]
+    runs = result["runs"]
+    largest = max(runs, key=lambda r: r["n_cells"])
+    epoch_steps = int(np.ceil(0.9 * largest["n_cells"] / largest["batch_size"]))
+    epoch_minutes = epoch_steps * largest["step_ms"] / 60_000
+    lines = [
+        "# Out-of-core scale benchmark: training from an on-disk store",
+        "",
+        "Produced by (from the repository root):",
+        "",
+        "```bash",
+        result["command"],
+        "```",
+        "",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPU cores, {m['memory_gib']:.0f} GiB, no GPU; "
+        f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} "
+        f"(a shared machine: times are indicative); Python {m['python']}, torch {m['torch']}, "
+        f"fcr_tools {m['fcr_tools']}; {result['date']}.",
+        "",
+        f"Data: {g['n_cells']:,} simulated cells x {g['n_genes']} genes (4 cell lines x 6 drugs x "
+        f"3 doses + controls), sparse CSR float32, {100 * g['density']:.0f}% non-zero, written "
+        "chunk by chunk with `fcr_tools.data.StoreWriter` into stores of the first "
+        f"{', '.join(f'{int(n):,}' for n in g['store_gib'])} cells "
+        f"({', '.join(f'{v:.2f}' for v in g['store_gib'].values())} GiB) in "
+        f"{g['seconds']:.0f} s (peak RSS {g['peak_rss_mib']:.0f} MiB). "
+        f"Model: `FCRModel` defaults (latents 16+16+16, 128 hidden units, gaussian). Training: "
+        f"`max_steps={runs[0]['steps']}` (Lightning counts optimizer steps; FCR makes two per "
+        f"minibatch, so {runs[0]['steps'] // 2} minibatches of {runs[0]['batch_size']} cells, "
+        "each cell with its control partner), not full epochs: an epoch of the largest store "
+        f"is {epoch_steps:,} minibatches, about {epoch_minutes:.0f} minutes at the measured "
+        f"time per minibatch. Throughput over the {runs[0]['timed_steps']} minibatches after the "
+        "first 20. Then `write_latents` for every cell "
+        "(batches of 4,096; into the store's `obsm` for a store, into memory otherwise). One "
+        "torch thread.",
+        "",
+        "| cells | X read from | store (GiB) | RSS after open (MiB) | peak RSS (MiB) "
+        "| setup (s) | ms / minibatch | cells / s | cells / CPU s | write latents (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['n_cells']:,} | {'disk (store)' if r['source'] == 'store' else 'memory'} | "
+            f"{r['store_gib']:.2f} | {r['rss_loaded_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['setup_s']:.1f} | {r['step_ms']:.0f} | {r['cells_per_s']:.0f} | "
+            f"{r['cells_per_cpu_s']:.0f} | {r['write_latents_s']:.1f} |"
+        )
+    stores = [r for r in runs if r["source"] == "store"]
+    memory = [r for r in runs if r["source"] == "memory"]
+    if stores:
+        peaks = [r["peak_rss_mib"] for r in stores]
+        mid = (max(peaks) + min(peaks)) / 2
+        small, large = stores[0], stores[-1]
+        cells = large["n_cells"] - small["n_cells"]
+
+        def per_cell(key, base=None):
+            grow = large[key] - small[key]
+            if base is not None:
+                grow -= large[base] - small[base]
+            return grow * MiB / cells
+
+        lines += [
+            "",
+            f"Peak RSS from the store: {min(peaks):.0f}-{max(peaks):.0f} MiB over "
+            f"{small['n_cells']:,}-{large['n_cells']:,} cells: the largest is "
+            f"{max(peaks) / min(peaks):.2f} times the smallest, or {mid:.0f} MiB ± "
+            f"{100 * (max(peaks) - mid) / mid:.0f}%. Per additional cell: "
+            f"{per_cell('rss_loaded_mib'):.0f} bytes for obs as read by anndata (its index of "
+            f"cell names is Python strings), {per_cell('rss_trained_mib', 'rss_loaded_mib'):.0f}"
+            f" bytes held after training by fcr_tools, scvi-tools and Lightning (registry, "
+            f"treatment codes, control groups, split, row pointers), "
+            f"{per_cell('peak_rss_mib'):.0f} bytes of peak in all.",
+        ]
+    same = [(s, r) for s in stores for r in memory if s["n_cells"] == r["n_cells"]]
+    for s, r in same:
+        lines.append(
+            f"At {s['n_cells']:,} cells the store trains at "
+            f"{100 * s['cells_per_s'] / r['cells_per_s']:.0f}% of the in-memory throughput "
+            f"(wall-clock; {100 * s['cells_per_cpu_s'] / r['cells_per_cpu_s']:.0f}% in CPU time)."
+        )
+    lines += [
+        "",
+        "*RSS after open*: the process' resident memory after opening the store (obs and var "
+        "read, X left on disk) or reading the file whole (memory). *peak RSS*: the peak "
+        "resident memory of the whole process since its start, through setup, training and "
+        "writing the latents (Python, torch and scvi-tools included; the operating system's "
+        "page cache is not counted: the stores sat on a local disk with room to cache them). "
+        "*setup*: `setup_anndata`, which scans every value of X once (chunk by chunk). "
+        "*write latents*: the three blocks of every cell, 48 floats per cell. Every number is "
+        "in `scale_ooc.json`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -339,10 +633,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--data", type=Path, help="folder of simulated screens to reuse (default: a temp folder)"
     )
+    parser.add_argument(
+        "--ooc",
+        action="store_true",
+        help="out of core: train from on-disk stores (store_<n>.h5ad) instead of memory",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=300, help="--ooc: training steps per run (not epochs)"
+    )
+    parser.add_argument(
+        "--memory-sizes",
+        type=int,
+        nargs="*",
+        default=[100_000],
+        help="--ooc: sizes also trained with X read whole into memory, for the throughput ratio",
+    )
     parser.add_argument("--_measure", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_source", default="store", help=argparse.SUPPRESS)
     parser.add_argument("--_json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args._measure is not None and args.ooc:  # child process: one size, out of core
+        info = measure_ooc(
+            args.data, args._measure, args._source, args.batch_size, args.steps, args.threads
+        )
+        args._json.write_text(json.dumps(info))
+        return
     if args._measure is not None:  # child process: one size
         info = measure(args.data, args._measure, args.accelerator, args.batch_size, args.threads)
         args._json.write_text(json.dumps(info))
@@ -358,6 +674,8 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": _machine(),
     }
+    if args.ooc:
+        return _main_ooc(args, command, data, base, result)
     missing = [n for n in args.sizes if not (data / f"screen_{n}.h5ad").exists()]
     if missing:
         data.mkdir(parents=True, exist_ok=True)
@@ -396,6 +714,42 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "scale.md").write_text(_markdown(result))
     print((args.out / "scale.md").read_text())
+
+
+def _main_ooc(args, command: str, data: Path, base: list[str], result: dict) -> None:
+    """The driver of ``--ooc``: build the stores if missing, then one process per run."""
+    if args.data is not None:  # the folder is the reader's own: no local path in the results
+        command = command.replace(shlex.quote(str(args.data)), "DATA_DIR")
+    result["command"] = command
+    missing = [n for n in args.sizes if not (data / f"store_{n}.h5ad").exists()]
+    if missing:
+        data.mkdir(parents=True, exist_ok=True)
+        print(f"writing stores of {max(args.sizes):,} cells x {args.n_genes} genes ...")
+        code = (
+            "import sys, json; sys.path.insert(0, sys.argv[1]); from scale import "
+            "generate_stores; from pathlib import Path; generate_stores(Path(sys.argv[2]), "
+            "json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))"
+        )
+        here = str(Path(__file__).resolve().parent)
+        sizes = json.dumps(sorted(args.sizes))
+        child = [sys.executable, "-c", code, here, str(data), sizes]
+        subprocess.run([*child, str(args.n_genes), str(args.seed)], check=True)
+    result["data"] = json.loads((data / "store_generation.json").read_text())
+    plan = [(n, "memory") for n in sorted(args.memory_sizes)]
+    plan += [(n, "store") for n in sorted(args.sizes)]
+    runs = []
+    extra = ["--ooc", "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+    extra += ["--threads", str(args.threads)] if args.threads else []
+    for n, source in plan:
+        print(f"measuring {n:,} cells from {source} ...", flush=True)
+        subprocess.run([*base, *extra, "--_measure", str(n), "--_source", source], check=True)
+        runs.append(json.loads((data / "child.json").read_text()))
+        print(json.dumps(runs[-1]), flush=True)
+    result["runs"] = runs
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale_ooc.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "scale_ooc.md").write_text(_markdown_ooc(result))
+    print((args.out / "scale_ooc.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""Train a tiny FCR model with Lightning DDP on two CPU processes (run by tests/test_ddp.py).
+"""Train tiny FCR models with Lightning DDP on two CPU processes (run by tests/test_ddp.py).
 
-``python tests/ddp_train.py OUT_DIR``. Lightning's "ddp" strategy starts this script
-again for the second process, so both processes run all of it. Each process records the rows
-it drew control partners for and the partners it drew (through a wrapper around
-``ControlPool.sample``), and the checksum of its weights after training, in
-``OUT_DIR/rank<r>.npz``; rank 0 also saves the model and its history.
+``python tests/ddp_train.py OUT_DIR STORE``. Lightning's "ddp" strategy starts this script
+again for the second process, so both processes run all of it: two trainings, one on a screen
+simulated in memory ("memory") and one on the on-disk store ``STORE`` (an ``.h5ad`` written by
+the test), which every process opens in backed mode and reads its minibatches from ("store").
+The second training reuses the processes and the process group of the first. For each, each
+process records the rows it drew control partners for and the partners it drew (through a
+wrapper around ``ControlPool.sample``), and the checksum of its weights after training, in
+``OUT_DIR/<name>_rank<r>.npz``; rank 0 also saves the model (``OUT_DIR/<name>_model``) and its
+history (``OUT_DIR/<name>_history.json``).
 """
 
 from __future__ import annotations
@@ -21,23 +25,20 @@ import torch
 from conftest import small_screen  # this folder is on sys.path: the script runs from it
 from fcr_tools import FCRModel
 from fcr_tools._pairing import ControlPool
+from fcr_tools.data import read_store
+
+DRAWN: list[tuple[np.ndarray, np.ndarray]] = []
 
 
-def main(out: Path) -> None:
-    torch.set_num_threads(1)
+def recording_sample(self, rows, _sample=ControlPool.sample):
+    partners = _sample(self, rows)
+    DRAWN.append((np.asarray(rows).copy(), partners.copy()))
+    return partners
+
+
+def train(adata, out: Path, name: str) -> None:
+    DRAWN.clear()
     scvi.settings.seed = 0
-    scvi.settings.logging_dir = out / "scvi_log"
-    drawn: list[tuple[np.ndarray, np.ndarray]] = []
-    sample = ControlPool.sample
-
-    def recording_sample(self, rows):
-        partners = sample(self, rows)
-        drawn.append((np.asarray(rows).copy(), partners.copy()))
-        return partners
-
-    ControlPool.sample = recording_sample
-
-    adata = small_screen(n_treatments=3)
     FCRModel.setup_anndata(
         adata, treatment_key="drug", dose_key="dose", covariate_keys="cell_line"
     )
@@ -53,22 +54,29 @@ def main(out: Path) -> None:
     )
     rank = model.trainer.global_rank
     weights = torch.cat([p.detach().reshape(-1).double() for p in model.module.parameters()])
-    rows = np.concatenate([r for r, _ in drawn])
-    partners = np.concatenate([p for _, p in drawn])
     np.savez(
-        out / f"rank{rank}.npz",
-        rows=rows,
-        partners=partners,
+        out / f"{name}_rank{rank}.npz",
+        rows=np.concatenate([r for r, _ in DRAWN]),
+        partners=np.concatenate([p for _, p in DRAWN]),
         weights=weights.numpy(),
         world_size=model.trainer.world_size,
         train_idx=model.train_indices,
+        backed=model.adata.isbacked,
     )
     if model.trainer.is_global_zero:
-        model.save(out / "model", save_anndata=True)
+        model.save(out / f"{name}_model", save_anndata=not adata.isbacked)
         history = {k: v.to_numpy(dtype=float).ravel().tolist() for k, v in model.history.items()}
-        (out / "history.json").write_text(json.dumps(history))
+        (out / f"{name}_history.json").write_text(json.dumps(history))
+
+
+def main(out: Path, store: Path) -> None:
+    torch.set_num_threads(1)
+    scvi.settings.logging_dir = out / "scvi_log"
+    ControlPool.sample = recording_sample
+    train(small_screen(n_treatments=3), out, "memory")
+    train(read_store(store), out, "store")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
     print(f"rank {os.environ.get('LOCAL_RANK', '0')} done", flush=True)

@@ -23,6 +23,7 @@ from scvi.data.fields import (
 )
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from ._backed import check_store, create_obsm_arrays, is_store, remember_store, writable
 from ._constants import COVARIATES_KEY, LATENT_BLOCKS, TREATMENT_KEY, X_KEY
 from ._module import FCRModule
 from ._objective import LOSS_TERMS
@@ -276,7 +277,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         adata
             Cells x genes. ``adata.X`` (or ``layer``) holds log-normalised expression for
-            ``likelihood="gaussian"`` or raw counts for ``likelihood="nb"``.
+            ``likelihood="gaussian"`` or raw counts for ``likelihood="nb"``. A store (an
+            AnnData in backed mode, see :func:`fcr_tools.data.read_store`) keeps its
+            expression on disk: minibatches read their rows from the file.
         treatment_key
             Categorical obs column with the treatment of each cell. Combinations are written
             ``"drugA+drugB"``.
@@ -334,6 +337,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         if "source_registry" in kwargs:
             recode_covariates(manager)
         cls.register_manager(manager)
+        remember_store(adata)  # a store (backed AnnData): what its file is like now
 
     @classmethod
     def setup_mudata(
@@ -494,6 +498,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
                 "and obs columns)."
             )
         if adata is None or self._is_registered(adata):
+            check_store(self.adata if adata is None else adata)  # a store rewritten since setup
             return super()._validate_anndata(adata, copy_if_view=copy_if_view)
         self._check_new_data(adata)
         setup = self._setup
@@ -612,9 +617,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.train(max_epochs=100, plan_kwargs={"adversarial_weight": 0.5})  # doctest: +SKIP
         """
         self._validate_anndata()  # re-registers FCR's fields if another setup replaced them
-        # the data may have been edited since setup
+        # the data may have been edited since setup; a store cannot be edited in memory and
+        # _validate_anndata checked that its file is the one scanned at setup
         nb = self.module.likelihood == "nb"
-        check_expression(*self._registered_matrix(self.adata), counts=nb)
+        if not is_store(self.adata):
+            check_expression(*self._registered_matrix(self.adata), counts=nb)
         strategy = trainer_kwargs.get("strategy")
         if isinstance(strategy, str) and strategy in _DDP_FIND_UNUSED:
             trainer_kwargs["strategy"] = _DDP_FIND_UNUSED[strategy]
@@ -993,6 +1000,13 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size
             Cells per minibatch (default 1,024: inference needs no small batches).
 
+        Notes
+        -----
+        For a store (an AnnData in backed mode, see :func:`fcr_tools.data.read_store`) the
+        blocks are written into the store's file, minibatch by minibatch, so that memory does
+        not grow with the number of cells; ``adata.obsm`` in memory is left as it is. Open the
+        store again to read them (``read_store(path).obsm["X_fcr_x"]``).
+
         Examples
         --------
         >>> import scanpy as sc
@@ -1000,6 +1014,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         >>> sc.pp.neighbors(adata, use_rep="X_fcr_t")
         """
         target = self.adata if adata is None else adata
+        if is_store(target):
+            self._write_latents_to_store(target, prefix, give_mean, batch_size)
+            return
         latent = self.get_latent_representation(
             target, block="all", give_mean=give_mean, batch_size=batch_size
         )
@@ -1007,6 +1024,18 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         split = np.split(latent, np.cumsum(sizes)[:-1], axis=1)
         for block, values in zip(LATENT_BLOCKS, split, strict=True):
             target.obsm[f"{prefix}_{block}"] = values
+
+    def _write_latents_to_store(self, store, prefix: str, give_mean: bool, batch_size) -> None:
+        """write_latents into a backed AnnData's file, one minibatch at a time."""
+        widths = {f"{prefix}_{b}": self.module.n_latent[b] for b in LATENT_BLOCKS}
+        with writable(store) as h5file:  # reopened before the loader reads X from it
+            arrays = create_obsm_arrays(h5file, store.n_obs, widths)
+            for out in self.inference_batches(store, batch_size=batch_size):
+                rows = out["indices"]  # consecutive cells, in order
+                where = slice(int(rows[0]), int(rows[-1]) + 1)
+                for block, key in zip(LATENT_BLOCKS, widths, strict=True):
+                    values = out[f"qz_{block}"].loc if give_mean else out[f"z_{block}"]
+                    arrays[key][where] = values.cpu().numpy()
 
     # ------------------------------------------------------------------ counterfactuals
     @torch.inference_mode()

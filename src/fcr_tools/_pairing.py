@@ -16,6 +16,7 @@ from scvi.data import AnnDataManager
 from scvi.dataloaders import DataSplitter
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from ._backed import StoreRows
 from ._constants import (
     CONTROL_X_KEY,
     COVARIATES_KEY,
@@ -26,7 +27,7 @@ from ._constants import (
 )
 from ._registration import RegisteredSetup
 from ._scvi_compat import BatchDistributedSampler, state_registry
-from ._treatments import TreatmentEncoder
+from ._treatments import TreatmentEncoder, string_codes
 
 
 def treatment_encoder(registry: dict) -> TreatmentEncoder:
@@ -37,17 +38,29 @@ def treatment_encoder(registry: dict) -> TreatmentEncoder:
 
 
 def registered_treatments(adata_manager: AnnDataManager) -> tuple[np.ndarray, np.ndarray]:
-    """Treatment encoding (component indices, doses) of every registered cell."""
+    """Treatment encoding (component indices, doses) of every registered cell.
+
+    Each distinct (treatment, dose) pair is encoded once and broadcast to its cells, so that
+    no per-cell array of labels or dose strings is built (millions of cells in a store).
+    """
     setup = RegisteredSetup.from_registry(adata_manager.registry)
     state = adata_manager.get_state_registry(TREATMENT_KEY)
-    codes = adata_manager.get_from_registry(TREATMENT_KEY).ravel().astype(int)
-    labels = np.asarray(state.categorical_mapping, dtype=object)[codes]
+    codes = adata_manager.get_from_registry(TREATMENT_KEY).ravel().astype(np.int64)
+    mapping = np.asarray(state.categorical_mapping, dtype=object)
     dose_key = setup.dose_key
-    doses = None
-    if dose_key is not None:
-        doses = np.asarray(setup.column(adata_manager.adata, "dose_key"))
     encoder = treatment_encoder(adata_manager.registry)
-    return encoder.encode(labels, doses, dose_column=dose_key)
+    if dose_key is None:
+        pairs, uniques = pd.factorize(codes)
+        idx, dose = encoder.encode(mapping[uniques], None, dose_column=dose_key)
+        return idx[pairs], dose[pairs]
+    doses = pd.Series(np.asarray(setup.column(adata_manager.adata, "dose_key")).ravel())
+    dose_codes = string_codes(doses)
+    pairs, _ = pd.factorize(codes * (int(dose_codes.max(initial=0)) + 1) + dose_codes)
+    first = np.unique(pairs, return_index=True)[1]  # a cell of each pair, in pair order
+    idx, dose = encoder.encode(
+        mapping[codes[first]], doses.iloc[first].to_numpy(), dose_column=dose_key
+    )
+    return idx[pairs], dose[pairs]
 
 
 def covariate_codes(adata_manager: AnnDataManager) -> np.ndarray:
@@ -96,7 +109,7 @@ class ControlPool:
         for column in np.asarray(covariates).T:  # hash-based: linear in the number of cells
             codes, uniques = pd.factorize(column)
             group, _ = pd.factorize(group * len(uniques) + codes)
-        group = group.astype(np.int64)
+        group = group.astype(np.int32 if n_obs < 2**31 else np.int64)  # 4 bytes per cell
         self.group = group
         n_groups = int(group.max()) + 1 if n_obs else 0
         preferred = np.zeros(n_obs, dtype=bool)
@@ -141,7 +154,10 @@ class FCRDataset(torch.utils.data.Dataset):
         treatments: tuple[np.ndarray, np.ndarray],
         pool: ControlPool | None = None,
     ):
-        self.base = adata_manager.create_torch_dataset()
+        # the rows of an AnnData through scvi-tools, of a store (X on disk) through StoreRows
+        self.base = StoreRows.of(adata_manager)
+        if self.base is None:
+            self.base = adata_manager.create_torch_dataset()
         self.indices = np.asarray(indices)
         self.t_idx, self.t_dose = treatments
         self.pool = pool

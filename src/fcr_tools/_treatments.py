@@ -145,7 +145,11 @@ class TreatmentEncoder:
         if doses is None:
             dose_values = pd.Series(np.ones(len(labels)))
         else:
-            dose_values = pd.Series(np.asarray(doses, dtype=object).ravel())
+            # numbers stay numbers (no Python object per cell); other values become objects
+            dose_values = np.asarray(doses).ravel()
+            if dose_values.dtype.kind not in "biuf":
+                dose_values = dose_values.astype(object)
+            dose_values = pd.Series(dose_values)
             if len(dose_values) != len(labels):
                 raise ValueError("`doses` must have one entry per treatment label.")
         lookup = {name: i for i, name in enumerate(self.components)}
@@ -154,10 +158,10 @@ class TreatmentEncoder:
         # pandas >= 3 keeps NaN / None as NaN in astype(str): give them a code of their own so
         # that their doses are checked (and rejected) like any other
         label_codes, _ = pd.factorize(labels.astype(str).to_numpy(), use_na_sentinel=False)
-        dose_codes, dose_uniques = pd.factorize(
-            dose_values.astype(str).to_numpy(), use_na_sentinel=False
+        dose_codes = string_codes(dose_values)
+        pair_codes = (
+            label_codes.astype(np.int64) * (int(dose_codes.max(initial=0)) + 1) + dose_codes
         )
-        pair_codes = label_codes.astype(np.int64) * max(len(dose_uniques), 1) + dose_codes
         codes, uniques = pd.factorize(pair_codes)
         first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
         u_idx = np.full((len(uniques), self.max_parts), self.n_components, dtype=np.int64)
@@ -178,7 +182,9 @@ class TreatmentEncoder:
                     f"Treatment {label!r} combines {len(parts)} treatments; the model was set up "
                     f"with at most {self.max_parts}."
                 )
-            numbers = _parse_dose(dose_values.iloc[cell], len(parts), label, dose_column)
+            dose = dose_values.iloc[cell]
+            dose = dose.item() if isinstance(dose, np.generic) else dose  # as given, in errors
+            numbers = _parse_dose(dose, len(parts), label, dose_column)
             u_idx[row, : len(parts)] = [lookup[p] for p in parts]
             u_dose[row, : len(parts)] = numbers
         return u_idx[codes], u_dose[codes]
@@ -188,6 +194,22 @@ class TreatmentEncoder:
         doses = None if dose is None else [dose]
         idx, values = self.encode([label], doses)
         return np.repeat(idx, n, axis=0), np.repeat(values, n, axis=0)
+
+
+def string_codes(values: pd.Series) -> np.ndarray:
+    """Codes of ``values`` as ``values.astype(str)`` would group them, without a string per cell.
+
+    The distinct values are factorized first and only they are turned into strings (two values
+    with the same string, e.g. 1 and "1", share a code), so that a dose column of millions of
+    cells is not copied into millions of Python strings.
+    """
+    try:
+        codes, uniques = pd.factorize(values.to_numpy(), use_na_sentinel=False)
+    except TypeError:  # unhashable values (e.g. lists): their strings, per cell
+        return pd.factorize(values.astype(str).to_numpy(), use_na_sentinel=False)[0]
+    as_str = pd.Series(np.asarray(uniques, dtype=object)).astype(str).to_numpy()
+    remap, _ = pd.factorize(as_str, use_na_sentinel=False)
+    return remap[codes]
 
 
 def dense_treatment(idx: torch.Tensor, dose: torch.Tensor, n_components: int) -> torch.Tensor:

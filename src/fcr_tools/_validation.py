@@ -197,6 +197,6 @@ def check_setup_columns(
         doses = column(dose_key)
         if pd.api.types.is_bool_dtype(doses):
             raise ValueError(f"Dose column obs[{dose_key!r}] is boolean; it must hold numbers.")
-        doses = doses.to_numpy(dtype=object)
+        doses = doses.to_numpy()  # numbers stay numbers: no Python object per cell
     # parses every (treatment, dose) pair: non-numeric, NaN, negative doses fail here
     encoder.encode(treatments.to_numpy(), doses, dose_column=dose_key)
