@@ -12,7 +12,7 @@ Methods: ``FCR`` (default, abduction), ``FCR prior`` (mode="prior"), ``FCR+resid
 (abduction plus the expression residual), ``FCR+resid prior`` (prior mode plus the residual
 of the prior-mode reconstruction), ``additive``.
 
-Run from the repository root (one torch thread):
+Run from the repository root:
     python benchmarks/expression_abduction.py --tasks gxe glioblastoma sim semireal --seeds 0
 Writes benchmarks/results/expression_abduction.{json,md}.
 """
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prediction
@@ -106,7 +105,6 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=["gxe", "glioblastoma", "sim", "semireal"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     rows = pd.concat([run(t, s) for t in args.tasks for s in args.seeds], ignore_index=True)
     summary = mean_sd(rows, ["task", "method"], SCORES)
     seeds = " ".join(map(str, args.seeds))

@@ -920,12 +920,26 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     def _treatment_vector(self, treatment: str, dose=None) -> torch.Tensor:
         """Dense treatment vector ``(1, n_components)`` of a label and dose, checked."""
-        idx, doses = self.treatment_encoder.encode_one(str(treatment), dose)
+        return self._treatment_vectors([(treatment, dose)])[0]
+
+    def _treatment_vectors(self, targets) -> list[torch.Tensor]:
+        """:meth:`_treatment_vector` of each (label, dose) target, encoded together."""
+        encoder = self.treatment_encoder
+        idx = np.empty((len(targets), encoder.max_parts), dtype=np.int64)
+        doses = np.empty((len(targets), encoder.max_parts), dtype=np.float32)
+        # at most two encodings: targets without a dose (dose 1) and targets with one
+        for given in (False, True):
+            rows = [k for k, (_, d) in enumerate(targets) if (d is not None) == given]
+            if rows:
+                labels = [str(targets[k][0]) for k in rows]
+                values = [targets[k][1] for k in rows] if given else None
+                idx[rows], doses[rows] = encoder.encode(labels, values)
         device = self.module.device
         with torch.inference_mode():
-            return self.module.treatment_vector(
-                torch.as_tensor(idx, device=device), torch.as_tensor(doses, device=device).float()
+            vectors = self.module.treatment_vector(
+                torch.as_tensor(idx, device=device), torch.as_tensor(doses, device=device)
             )
+        return list(vectors.split(1))
 
     @torch.inference_mode()
     def counterfactual_latents(
@@ -1193,7 +1207,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
     ) -> ad.AnnData:
         """Counterfactuals of ``targets`` ((label, dose) pairs) as one AnnData."""
         check_mode(mode)
-        vectors = [self._treatment_vector(t, d) for t, d in targets]  # checks every target
+        vectors = self._treatment_vectors(targets)  # checks every target
         adata = self._validate_anndata(adata)
         self.module.eval()
         loader = self._loader(adata, indices, batch_size)
@@ -1219,10 +1233,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             obs = pd.DataFrame(values, columns=columns, index=names).astype("category")
             obs["n_cells"] = counts
         per_cell = aggregate == "cells"
-        frames = [
-            self._target_obs(obs, t, d, k, grid, per_cell) for k, (t, d) in enumerate(targets)
-        ]
-        obs = pd.concat(frames)
+        obs = self._target_obs(obs, targets, grid, per_cell)
         labels = list(dict.fromkeys(t for t, _ in targets))
         obs[self.treatment_key] = pd.Categorical(obs[self.treatment_key], categories=labels)
         result = ad.AnnData(
@@ -1248,21 +1259,26 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             return 0.0 if treatment == self.treatment_encoder.control else 1.0
         return dose
 
-    def _target_obs(
-        self, obs: pd.DataFrame, treatment: str, dose, k: int, grid: bool, per_cell: bool
-    ):
-        """obs of one target's rows: the source rows' obs, the target and where it came from."""
-        obs = obs.copy()
+    def _target_obs(self, obs: pd.DataFrame, targets, grid: bool, per_cell: bool):
+        """obs of the result: the source rows' obs once per target (target after target),
+        with the target's treatment and dose and where each row came from."""
+        n, n_targets = len(obs), len(targets)
+        index = obs.index.astype(str)
+        obs = obs.iloc[np.tile(np.arange(n), n_targets)].copy()
         if per_cell:
             obs[f"source_{self.treatment_key}"] = obs.get(self.treatment_key)
-        obs[self.treatment_key] = treatment
+        obs[self.treatment_key] = np.repeat(np.array([str(t) for t, _ in targets]), n)
         if self.dose_key is not None:
-            obs[self.dose_key] = self._dose_of(treatment, dose)
+            doses = pd.Series([self._dose_of(t, d) for t, d in targets])  # dtype as given
+            obs[self.dose_key] = doses.repeat(n).to_numpy()
         if grid:
-            obs["target"] = k
+            obs["target"] = np.repeat(np.arange(n_targets), n)
             if per_cell:
-                obs["source_cell"] = obs.index.astype(str)
-            obs.index = obs.index.astype(str) + f"-{k}"
+                obs["source_cell"] = np.tile(index.to_numpy(), n_targets)
+            suffixes = np.repeat(np.array([f"-{k}" for k in range(n_targets)]), n)
+            obs.index = pd.Index(
+                np.char.add(np.tile(index.to_numpy().astype(str), n_targets), suffixes)
+            )
         return obs
 
     def _group_columns(self, adata, keys: list[str]) -> pd.DataFrame:

@@ -65,7 +65,8 @@ class GaussianHead(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, raw_var = self.net(inputs).chunk(2, dim=-1)
-        return mean, F.softplus(raw_var) + _MIN_VAR
+        # softplus of a strided view takes a slow path on the CPU (about 13x)
+        return mean, F.softplus(raw_var.contiguous()) + _MIN_VAR
 
 
 class CovariateEmbedding(nn.Module):
