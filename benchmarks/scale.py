@@ -92,62 +92,13 @@ def generate(folder: Path, sizes: list[int], n_genes: int, seed: int) -> dict:
 
     Files: ``folder / f"screen_{n}.h5ad"`` (sparse CSR X), and ``generation.json``.
     """
-    n_cells = max(sizes)
     import anndata as ad
-    import pandas as pd
-    from scipy import sparse
 
-    from fcr_tools.data import simulate_screen
-    from fcr_tools.data._simulate import CONTROL, _lognormalize, _Model, _sample_counts
-
+    n_cells = max(sizes)
     start = time.perf_counter()
-    # the generative parameters of a screen of this design (a few cells only)
-    template = simulate_screen(
-        n_cell_lines=N_CELL_LINES,
-        n_treatments=N_DRUGS,
-        doses=DOSES,
-        n_cells_per_condition=1,
-        n_genes=n_genes,
-        library_size=LIBRARY_SIZE,
-        seed=seed,
-    )
-    model = _Model(template.uns["fcr_simulation"])
-    lines, drugs, doses, vectors, weights = [], [], [], [], []
-    for c in range(N_CELL_LINES):
-        for drug, dose in [(CONTROL, 0.0)] + [(d, x) for d in model.drugs for x in DOSES]:
-            lines.append(c)
-            drugs.append(drug)
-            doses.append(dose)
-            vectors.append(model.dose_vector(drug, dose if drug != CONTROL else None))
-            weights.append(len(DOSES) if drug == CONTROL else 1)  # as simulate_screen
-    lines, vectors = np.array(lines), np.stack(vectors)
-    weights = np.array(weights, float) / np.sum(weights)
-
-    rng = np.random.default_rng(seed + 1)
-    conditions = rng.choice(len(lines), size=n_cells, p=weights)
-    blocks = []
-    for first in range(0, n_cells, CHUNK):
-        cond = conditions[first : first + CHUNK]
-        c, h = lines[cond], model.hill(vectors[cond])
-        latents = []
-        for mu, sd in (model.law_x(c), model.law_t(h), model.law_tx(c, h)):
-            latents.append((mu + sd * rng.standard_normal(mu.shape)).astype(np.float32))
-        rho = model.rho(np.concatenate(latents, axis=1).astype(np.float64))
-        library = np.exp(rng.normal(*LIBRARY_SIZE, len(cond)))
-        counts = _sample_counts(rng, library[:, None] * rho, model.theta)
-        blocks.append(sparse.csr_matrix(_lognormalize(counts).astype(np.float32)))
-        del rho, counts
-    X = sparse.vstack(blocks, format="csr")
-    del blocks
-    obs = pd.DataFrame(
-        {
-            "cell_line": pd.Categorical(np.array(model.cell_lines)[lines[conditions]]),
-            "drug": pd.Categorical(np.array(drugs, dtype=object)[conditions]),
-            "dose": np.array(doses)[conditions],
-        },
-        index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
-    )
-    var = pd.DataFrame(index=template.var_names.copy())
+    model, d, conditions, rng = _design(n_cells, n_genes, seed)
+    X = sparse.vstack(list(_chunks(model, d, conditions, rng)), format="csr")
+    obs, var = _obs_var(model, d, conditions)
     seconds, peak = time.perf_counter() - start, _peak(False)
     for n in sizes:
         ad.AnnData(X=X[:n], obs=obs.iloc[:n], var=var).write_h5ad(folder / f"screen_{n}.h5ad")
@@ -163,11 +114,13 @@ def generate(folder: Path, sizes: list[int], n_genes: int, seed: int) -> dict:
     return record
 
 
-def _design(n_genes: int, seed: int):
-    """The generative model of the benchmark's design and its conditions (see ``generate``)."""
+def _design(n_cells: int, n_genes: int, seed: int):
+    """The benchmark's generative model, its conditions, the condition of each of ``n_cells``
+    cells and the random generator that simulates them (in this order, for both writers)."""
     from fcr_tools.data import simulate_screen
     from fcr_tools.data._simulate import CONTROL, _Model
 
+    # the generative parameters of a screen of this design (a few cells only)
     template = simulate_screen(
         n_cell_lines=N_CELL_LINES,
         n_treatments=N_DRUGS,
@@ -189,7 +142,43 @@ def _design(n_genes: int, seed: int):
     weights = np.array(weights, float) / np.sum(weights)
     design = {"lines": np.array(lines), "drugs": drugs, "doses": doses}
     design.update(vectors=np.stack(vectors), weights=weights, var_names=template.var_names)
-    return model, design
+    rng = np.random.default_rng(seed + 1)
+    conditions = rng.choice(len(lines), size=n_cells, p=weights)
+    return model, design, conditions, rng
+
+
+def _chunks(model, d: dict, conditions: np.ndarray, rng):
+    """The cells' log-normalised expression, ``CHUNK`` cells at a time (CSR float32)."""
+    from fcr_tools.data._simulate import _lognormalize, _sample_counts
+
+    for first in range(0, len(conditions), CHUNK):
+        cond = conditions[first : first + CHUNK]
+        c, h = d["lines"][cond], model.hill(d["vectors"][cond])
+        latents = []
+        for mu, sd in (model.law_x(c), model.law_t(h), model.law_tx(c, h)):
+            latents.append((mu + sd * rng.standard_normal(mu.shape)).astype(np.float32))
+        rho = model.rho(np.concatenate(latents, axis=1).astype(np.float64))
+        library = np.exp(rng.normal(*LIBRARY_SIZE, len(cond)))
+        counts = _sample_counts(rng, library[:, None] * rho, model.theta)
+        del rho
+        block = sparse.csr_matrix(_lognormalize(counts).astype(np.float32))
+        del counts
+        yield block
+
+
+def _obs_var(model, d: dict, conditions: np.ndarray):
+    """obs (cell line, drug, dose of every cell) and var of the simulated screen."""
+    import pandas as pd
+
+    obs = pd.DataFrame(
+        {
+            "cell_line": pd.Categorical(np.array(model.cell_lines)[d["lines"][conditions]]),
+            "drug": pd.Categorical(np.array(d["drugs"], dtype=object)[conditions]),
+            "dose": np.array(d["doses"])[conditions],
+        },
+        index=pd.Index([f"cell_{i}" for i in range(len(conditions))]),
+    )
+    return obs, pd.DataFrame(index=d["var_names"].copy())
 
 
 def generate_stores(folder: Path, sizes: list[int], n_genes: int, seed: int) -> dict:
@@ -200,38 +189,17 @@ def generate_stores(folder: Path, sizes: list[int], n_genes: int, seed: int) -> 
     through :class:`fcr_tools.data.StoreWriter`: memory holds one chunk and the obs, never the
     matrix. Also writes ``store_generation.json``.
     """
-    import pandas as pd
-
     from fcr_tools.data import StoreWriter
-    from fcr_tools.data._simulate import _lognormalize, _sample_counts
 
     n_cells = max(sizes)
     start = time.perf_counter()
-    model, d = _design(n_genes, seed)
-    rng = np.random.default_rng(seed + 1)
-    conditions = rng.choice(len(d["lines"]), size=n_cells, p=d["weights"])
-    obs = pd.DataFrame(
-        {
-            "cell_line": pd.Categorical(np.array(model.cell_lines)[d["lines"][conditions]]),
-            "drug": pd.Categorical(np.array(d["drugs"], dtype=object)[conditions]),
-            "dose": np.array(d["doses"])[conditions],
-        },
-        index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
-    )
-    var = pd.DataFrame(index=d["var_names"].copy())
+    model, d, conditions, rng = _design(n_cells, n_genes, seed)
+    obs, var = _obs_var(model, d, conditions)
     writers = {n: StoreWriter(folder / f"store_{n}.h5ad", obs.iloc[:n], var) for n in sizes}
     nnz = 0
-    for first in range(0, n_cells, CHUNK):
-        cond = conditions[first : first + CHUNK]
-        c, h = d["lines"][cond], model.hill(d["vectors"][cond])
-        latents = []
-        for mu, sd in (model.law_x(c), model.law_t(h), model.law_tx(c, h)):
-            latents.append((mu + sd * rng.standard_normal(mu.shape)).astype(np.float32))
-        rho = model.rho(np.concatenate(latents, axis=1).astype(np.float64))
-        library = np.exp(rng.normal(*LIBRARY_SIZE, len(cond)))
-        counts = _sample_counts(rng, library[:, None] * rho, model.theta)
-        block = sparse.csr_matrix(_lognormalize(counts).astype(np.float32))
-        del rho, counts
+    for first, block in zip(
+        range(0, n_cells, CHUNK), _chunks(model, d, conditions, rng), strict=True
+    ):
         nnz += block.nnz
         for n, writer in writers.items():
             if first < n:
