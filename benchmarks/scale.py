@@ -407,10 +407,19 @@ def measure_ooc(
         "write_latents_cpu_s": t4[1] - t3[1],
         "latents_shape": list(written),
         "torch_threads": torch.get_num_threads(),
+        "obs_names_dtype": str(adata.obs_names.dtype),
         "train_loss_last": float(model.history["train_loss_step"].to_numpy(float).ravel()[-1])
         if "train_loss_step" in model.history
         else None,
     }
+
+
+def _names_kind(run: dict) -> str:
+    """How a run held the cells' names (older results did not record it)."""
+    dtype = run.get("obs_names_dtype")
+    if dtype is None or dtype == "object":
+        return "Python strings"
+    return f"Arrow strings (pandas dtype `{dtype}`)"
 
 
 def _markdown_ooc(result: dict) -> str:
@@ -432,7 +441,8 @@ def _markdown_ooc(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cpu_count']} CPU cores, {m['memory_gib']:.0f} GiB, no GPU; "
         f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} "
         f"(a shared machine: times are indicative); Python {m['python']}, torch {m['torch']}, "
-        f"fcr_tools {m['fcr_tools']}; {result['date']}.",
+        f"pyarrow {m.get('pyarrow') or 'not installed'}, fcr_tools {m['fcr_tools']}; "
+        f"{result['date']}.",
         "",
         f"Data: {g['n_cells']:,} simulated cells x {g['n_genes']} genes (4 cell lines x 6 drugs x "
         f"3 doses + controls), sparse CSR float32, {100 * g['density']:.0f}% non-zero, written "
@@ -481,11 +491,12 @@ def _markdown_ooc(result: dict) -> str:
             f"{small['n_cells']:,}-{large['n_cells']:,} cells: the largest is "
             f"{max(peaks) / min(peaks):.2f} times the smallest, or {mid:.0f} MiB ± "
             f"{100 * (max(peaks) - mid) / mid:.0f}%. Per additional cell: "
-            f"{per_cell('rss_loaded_mib'):.0f} bytes for obs as read by anndata (its index of "
-            f"cell names is Python strings), {per_cell('rss_trained_mib', 'rss_loaded_mib'):.0f}"
-            f" bytes held after training by fcr_tools, scvi-tools and Lightning (registry, "
-            f"treatment codes, control groups, split, row pointers), "
-            f"{per_cell('peak_rss_mib'):.0f} bytes of peak in all.",
+            f"{per_cell('rss_loaded_mib'):.0f} bytes after opening (obs as `read_store` reads "
+            f"it: the cell names as {_names_kind(large)}, the dose and the categories' codes), "
+            f"{per_cell('rss_trained_mib', 'rss_loaded_mib'):.0f} bytes more held after "
+            "training (the registered codes, the train / validation split that scvi-tools keeps "
+            "and memory that the allocator keeps after the per-cell arrays of training are "
+            f"freed), {per_cell('peak_rss_mib'):.0f} bytes of peak in all.",
         ]
     same = [(s, r) for s in stores for r in memory if s["n_cells"] == r["n_cells"]]
     for s, r in same:
@@ -510,6 +521,15 @@ def _markdown_ooc(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ driver
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def _machine() -> dict:
     import torch
 
@@ -530,6 +550,7 @@ def _machine() -> dict:
         "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "pyarrow": _version("pyarrow"),
         "fcr_tools": fcr_tools.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

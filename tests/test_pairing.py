@@ -7,9 +7,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import sparse
+from torch.utils.data import BatchSampler, RandomSampler
 
 from fcr_tools import FCRModel
-from fcr_tools._pairing import ControlPool, FCRDataLoader, FCRDataSplitter
+from fcr_tools import _pairing as pairing
+from fcr_tools._pairing import (
+    AllRows,
+    ControlPool,
+    FCRDataLoader,
+    FCRDataSplitter,
+    ShuffledBatches,
+)
 from fcr_tools._treatments import TreatmentEncoder
 
 
@@ -272,3 +280,68 @@ def test_control_pool_property(groups, seed):
     for row, ok in zip(rows, in_candidates, strict=True):
         group_candidates = is_control[candidates] & (np.array(groups)[candidates] == groups[row])
         assert ok == group_candidates.any()
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "drop_last"), [(300, 64, False), (300, 64, True), (5, 8, False)]
+)
+def test_shuffled_batches_are_torchs_batches(n, batch_size, drop_last):
+    # the same batches as BatchSampler(RandomSampler) from the same random numbers, and the
+    # same draws of torch's global generator (which also draws the control partners)
+    torch.manual_seed(3)
+    sampler = ShuffledBatches(n, batch_size=batch_size, drop_last=drop_last)
+    ours = [batch.tolist() for epoch in range(2) for batch in sampler]
+    after_ours = torch.rand(3)
+    torch.manual_seed(3)
+    torch_sampler = BatchSampler(RandomSampler(range(n)), batch_size, drop_last)
+    theirs = [batch for epoch in range(2) for batch in torch_sampler]
+    assert ours == theirs
+    assert torch.equal(after_ours, torch.rand(3))
+    assert len(sampler) == len(torch_sampler)
+
+
+def test_all_rows_index_as_an_arange():
+    rows, expected = AllRows(10), np.arange(10)
+    assert len(rows) == 10
+    np.testing.assert_array_equal(np.asarray(rows), expected)
+    for key in [slice(2, 7), slice(None, None, 3), slice(8, 20), [3, 1, -1], np.array([0, 9])]:
+        got = rows[key]
+        np.testing.assert_array_equal(got, expected[key])
+        assert got.dtype == np.int64
+    with pytest.raises(IndexError):
+        rows[[10]]
+
+
+def test_treatment_encoding_by_chunks(combo_adata, monkeypatch):
+    # combinations with per-part string doses: chunks of 7 cells give the whole data's encoding
+    manager = _manager(combo_adata)
+    encoder = TreatmentEncoder.from_labels(list(combo_adata.obs["drug"].cat.categories), "control")
+    want_idx, want_dose = encoder.encode(
+        combo_adata.obs["drug"].astype(str), combo_adata.obs["dose"]
+    )
+    for chunk in (7, 2**16):
+        monkeypatch.setattr(pairing, "_ENCODE_CHUNK", chunk)
+        treatments = pairing.cell_treatments(manager)
+        assert treatments.codes.dtype == np.uint8  # one byte per cell
+        idx, dose = treatments.of(np.arange(combo_adata.n_obs))
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_array_equal(dose, want_dose)
+
+
+def test_covariate_groups_by_chunks(monkeypatch):
+    def factorized(covariates):  # the groups as the pool numbered them before
+        group = np.zeros(len(covariates), dtype=np.int64)
+        for column in covariates.T:
+            codes, uniques = pd.factorize(column)
+            group, _ = pd.factorize(group * len(uniques) + codes)
+        return group
+
+    rng = np.random.default_rng(0)
+    for chunk in (7, 2**16):
+        monkeypatch.setattr(pairing, "_ENCODE_CHUNK", chunk)
+        for width in (1, 2, 3):
+            covariates = rng.integers(0, 4, (200, width)).astype(np.int8)
+            np.testing.assert_array_equal(
+                pairing.covariate_groups(covariates), factorized(covariates)
+            )
+    assert (pairing.covariate_groups(np.zeros((4, 0))) == 0).all()

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from fcr_tools import FCRModel, FCRTrainingPlan
+from fcr_tools import _validation as validation
 from fcr_tools._pairing import registered_treatments
 
 MODALITIES = {
@@ -424,3 +425,28 @@ def test_unregistered_anndata_is_rejected():
     adata = ad.AnnData(np.zeros((3, 2), dtype=np.float32))
     with pytest.raises(ValueError):
         FCRModel(adata)
+
+
+def test_setup_checks_by_chunks_report_the_first_bad_pair(adata, monkeypatch):
+    # bad doses on two treated cells: checked a few cells at a time, the error is the one of
+    # the whole data at once (the first offending pair, in the order of the cells)
+    doses = adata.obs["dose"].astype(object)
+    treated = np.flatnonzero((adata.obs["drug"] != "control").to_numpy())
+    doses.iloc[treated[9]] = "high"
+    doses.iloc[treated[3]] = -0.5
+    adata.obs["dose"] = doses
+    messages = []
+    for chunk in (2**16, 5):
+        monkeypatch.setattr(validation, "_CHUNK_CELLS", chunk)
+        with pytest.raises(ValueError, match="negative") as error:
+            _setup(adata.copy())
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+    # and the labels, in order of first appearance, as without chunks
+    monkeypatch.setattr(validation, "_CHUNK_CELLS", 5)
+    labels = adata.obs["drug"].astype(str).to_numpy()
+    labels[7] = "control+drug_1"
+    labels[2] = "drug_0+drug_0"
+    adata.obs["drug"] = labels
+    with pytest.raises(ValueError, match="'drug_0\\+drug_0' names the same part twice"):
+        _setup(adata)

@@ -1,14 +1,21 @@
 """Training and prediction from an on-disk store (an ``.h5ad`` in AnnData's backed mode)."""
 
+import gc
+import weakref
+
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scvi
+from lightning.pytorch.callbacks import Callback
 from scipy import sparse
 
 from conftest import SETUP, TINY, TRAIN
 from fcr_tools import FCRModel
+from fcr_tools._backed import arrow_names
 from fcr_tools.data import StoreWriter, read_store, write_store
+from fcr_tools.data import _store as store_module
 
 
 def _train(adata, **train):
@@ -196,3 +203,88 @@ def test_store_changed_after_setup(adata, store_path, change):
         model.train(**TRAIN)
     with pytest.raises(ValueError, match="changed after setup"):
         model.get_latent_representation()
+
+
+def _engine_built(index) -> bool:
+    """Whether pandas built the hash table of an index (for Arrow strings: a Python string
+    per label first)."""
+    return "_engine" in getattr(index, "_cache", {})
+
+
+def test_read_store_names_as_arrow_or_objects(adata, tmp_path):
+    adata.obs.index.name = "cell"
+    adata.obsm["X_pca"] = np.asarray(adata.X)[:, :3]
+    adata.uns["note"] = {"a": 1}
+    adata.raw = adata.copy()
+    adata.X = sparse.csr_matrix(adata.X)
+    adata.write_h5ad(tmp_path / "full.h5ad")
+    reference = ad.read_h5ad(tmp_path / "full.h5ad", backed="r")
+    arrow = read_store(tmp_path / "full.h5ad", obs_names="arrow")
+    plain = read_store(tmp_path / "full.h5ad", obs_names="object")
+    assert arrow_names(arrow.obs_names)
+    assert plain.obs_names.dtype == reference.obs_names.dtype  # as anndata reads them
+    assert arrow.obs_names.tolist() == adata.obs_names.tolist() == plain.obs_names.tolist()
+    for store in (arrow, plain):
+        assert store.isbacked and store.obs_names.name == "cell"
+        pd.testing.assert_frame_equal(store.obs, reference.obs, check_index_type=False)
+        pd.testing.assert_frame_equal(store.var, reference.var)
+        assert "X_pca" in store.obsm and list(store.obsm) == list(reference.obsm)
+        for key in store.obsm:
+            np.testing.assert_array_equal(store.obsm[key], reference.obsm[key])
+        assert store.uns["note"] == {"a": 1}
+        assert list(store.layers) == list(reference.layers)
+        assert store.raw.var_names.equals(reference.raw.var_names)
+        assert store.raw.shape == reference.raw.shape
+        np.testing.assert_array_equal(store.X[:5].toarray(), reference.X[:5].toarray())
+    assert not _engine_built(arrow.obs_names)  # names not hashed as Python strings
+
+
+def test_read_store_without_pyarrow(store_path, monkeypatch):
+    with pytest.raises(ValueError, match="obs_names must be"):
+        read_store(store_path, obs_names="python")
+    monkeypatch.setattr(store_module, "arrow_string_dtype", lambda: None)
+    anndatas = ad.read_h5ad(store_path, backed="r").obs_names
+    assert read_store(store_path).obs_names.dtype == anndatas.dtype  # "auto": anndata's names
+    with pytest.raises(ImportError, match=r"fcr-tools\[store\]"):
+        read_store(store_path, obs_names="arrow")
+
+
+def test_read_store_warns_of_repeated_names(adata, tmp_path):
+    names = adata.obs_names.to_numpy().copy()
+    names[5] = names[2]
+    adata.obs_names = names
+    write_store(adata, tmp_path / "repeated.h5ad")
+    for kind in ("arrow", "object"):
+        with pytest.warns(UserWarning, match="Observation names are not unique"):
+            read_store(tmp_path / "repeated.h5ad", obs_names=kind)
+
+
+def test_arrow_names_survive_training_and_are_written_as_strings(trained_pair, tmp_path):
+    memory, store = trained_pair
+    names = store.adata.obs_names
+    assert arrow_names(names)  # pyarrow is installed with the test extras
+    store.get_latent_representation()
+    memory.get_latent_representation(store.adata)  # the store as new data of another model
+    store.predict_grid(treatment=["drug_0", "drug_2"], dose=[0.3, 1.0], aggregate="mean")
+    pred = store.predict_counterfactual(treatment="drug_1", dose=0.3, indices=[0, 4])
+    # neither setup, training nor inference hashed the names; results carry Python strings
+    assert not _engine_built(names) and store.adata.obs_names is names
+    assert pred.obs_names.tolist() == list(memory.adata.obs_names[[0, 4]])
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    assert ad.read_h5ad(tmp_path / "pred.h5ad").obs_names.equals(pred.obs_names)
+    write_store(store.adata, tmp_path / "copy.h5ad", chunk_rows=30)  # a store from a store
+    copy = read_store(tmp_path / "copy.h5ad", obs_names="object")
+    assert copy.obs_names.tolist() == names.tolist()
+
+
+def test_training_lets_its_loaders_go(adata, store_path):
+    # the trainer (kept as model.trainer) no longer holds the training data's loaders
+    datasets = []
+
+    class Keep(Callback):
+        def on_train_start(self, trainer, pl_module):
+            datasets.append(weakref.ref(trainer.train_dataloader.dataset))
+
+    _train(read_store(store_path), callbacks=[Keep()])
+    gc.collect()
+    assert len(datasets) == 1 and datasets[0]() is None

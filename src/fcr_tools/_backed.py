@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 from ._constants import X_KEY
 from ._scvi_compat import data_uuid
@@ -29,6 +30,55 @@ _OBSM_CHUNK_ROWS = 16_384
 def is_store(adata) -> bool:
     """Whether ``adata`` is an AnnData in backed mode (its expression read from a file)."""
     return bool(getattr(adata, "isbacked", False))
+
+
+def arrow_names(index) -> bool:
+    """Whether an index holds its strings in Arrow buffers (e.g. a store's ``obs_names``, see
+    :func:`fcr_tools.data.read_store`) rather than as a Python object per cell."""
+    import pandas as pd
+
+    return isinstance(getattr(index, "array", None), pd.arrays.ArrowExtensionArray)
+
+
+def plain_names(index):
+    """``index`` with a Python string per label when it holds Arrow strings and pandas does not
+    make ``str`` its default string dtype (pandas < 3), else ``index`` itself: what results
+    derived from a store (a few of its cells) carry, so that ``write_h5ad`` writes them as
+    before (anndata writes Arrow strings only when told to)."""
+    if arrow_names(index) and not _str_is_default():
+        return index.astype(object)
+    return index
+
+
+def _str_is_default() -> bool:
+    """Whether pandas infers its ``str`` dtype for strings (pandas >= 3, or opted in)."""
+    import pandas as pd
+
+    if int(pd.__version__.split(".")[0]) >= 3:
+        return True
+    return bool(pd.get_option("future.infer_string"))
+
+
+@contextmanager
+def plain_obs_index(adata) -> Iterator[None]:
+    """Give ``adata`` a ``RangeIndex`` as ``obs_names`` while the block runs (registration).
+
+    pandas looks an attribute missing on a Series up among its index labels (hashing them, and
+    an Arrow index turned into a Python string per cell first): ``np.unique(series)``, which
+    scvi-tools calls on obs columns, does that. With Arrow names, this would hold a Python
+    string per cell and their hash table for as long as the AnnData lives.
+    """
+    names = adata.obs_names
+    if adata.is_view or not arrow_names(names):
+        yield
+        return
+    import pandas as pd
+
+    adata.obs_names = pd.RangeIndex(adata.n_obs)
+    try:
+        yield
+    finally:
+        adata.obs_names = names
 
 
 def _open_file(adata):
@@ -226,12 +276,24 @@ class CSRRows:
         breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
         begins = starts[np.concatenate([[0], breaks])].tolist()
         ends = stops[np.concatenate([breaks, [len(rows)]]) - 1].tolist()
-        runs = [(b, e) for b, e in zip(begins, ends, strict=True) if e > b]
-        values = np.concatenate([self.data[b:e] for b, e in runs] or [self.data[0:0]])
-        columns = np.concatenate([self.indices[b:e] for b, e in runs] or [self.indices[0:0]])
-        dense = np.zeros((len(rows), self.shape[1]), dtype=dtype)
-        dense[np.repeat(np.arange(len(rows)), lengths), columns] = values
-        return dense
+        runs = [(b, e) for b, e in zip(begins, ends, strict=True) if e > b] or [(0, 0)]
+        values = _joined([self.data[b:e] for b, e in runs])
+        columns = _joined([self.indices[b:e] for b, e in runs])
+        # row pointers of the block, of the columns' dtype (scipy would copy them otherwise)
+        kind = columns.dtype if len(columns) < np.iinfo(columns.dtype).max else np.int64
+        pointers = np.zeros(len(rows) + 1, dtype=kind)
+        np.cumsum(lengths, out=pointers[1:])
+        # scipy fills the dense rows in one pass (no per-value index arrays)
+        block = sparse.csr_matrix(
+            (values.astype(dtype, copy=False), columns, pointers),
+            shape=(len(rows), self.shape[1]),
+        )
+        return block.toarray()
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts end to end (the one part itself, without a copy, when there is one)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class StoreRows:

@@ -23,7 +23,15 @@ from scvi.data.fields import (
 )
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
-from ._backed import check_store, create_obsm_arrays, is_store, remember_store, writable
+from ._backed import (
+    check_store,
+    create_obsm_arrays,
+    is_store,
+    plain_names,
+    plain_obs_index,
+    remember_store,
+    writable,
+)
 from ._constants import COVARIATES_KEY, LATENT_BLOCKS, TREATMENT_KEY, X_KEY
 from ._module import FCRModule
 from ._objective import LOSS_TERMS
@@ -63,6 +71,7 @@ from ._scvi_compat import (
     instance_manager,
     obs_column,
     portable_history,
+    release_fit_loaders,
     setup_method_name,
 )
 from ._training_plan import FCRTrainingPlan
@@ -315,27 +324,28 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(f"adata has shape {adata.shape}: no cells or no genes.")
         check_source_genes(adata.var_names, kwargs)
         covariates = as_key_list(covariate_keys)
-        check_setup_columns(
-            lambda key: adata.obs[key],
-            list(adata.obs.columns),
-            treatment_key,
-            control_treatment,
-            covariates,
-            dose_key,
-            require_control="source_registry" not in kwargs,
-        )
-        matrix, name = _data_matrix(adata, layer)
-        check_expression(matrix, name, counts=False)
-        fields = [
-            LayerField(X_KEY, layer, is_count_data=False),
-            CategoricalObsField(TREATMENT_KEY, treatment_key),
-        ]
-        if covariates:
-            fields.append(CategoricalJointObsField(COVARIATES_KEY, covariates))
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        if "source_registry" in kwargs:
-            recode_covariates(manager)
+        with plain_obs_index(adata):  # Arrow names (a store's) stay Arrow: see plain_obs_index
+            check_setup_columns(
+                lambda key: adata.obs[key],
+                list(adata.obs.columns),
+                treatment_key,
+                control_treatment,
+                covariates,
+                dose_key,
+                require_control="source_registry" not in kwargs,
+            )
+            matrix, name = _data_matrix(adata, layer)
+            check_expression(matrix, name, counts=False)
+            fields = [
+                LayerField(X_KEY, layer, is_count_data=False),
+                CategoricalObsField(TREATMENT_KEY, treatment_key),
+            ]
+            if covariates:
+                fields.append(CategoricalJointObsField(COVARIATES_KEY, covariates))
+            manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+            manager.register_fields(adata, **kwargs)
+            if "source_registry" in kwargs:
+                recode_covariates(manager)
         cls.register_manager(manager)
         remember_store(adata)  # a store (backed AnnData): what its file is like now
 
@@ -510,8 +520,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             manager = cls._get_most_recent_anndata_manager(proxy, required=True)
             forget_setup_manager(cls, manager.adata_uuid)
         else:
-            manager = self.adata_manager.transfer_fields(proxy)
-            recode_covariates(manager)
+            with plain_obs_index(proxy):  # Arrow names (a store's) stay Arrow
+                manager = self.adata_manager.transfer_fields(proxy)
+                recode_covariates(manager)
         self._register_manager_for_instance(manager)
         # keep the managers of the last few stand-ins only (each holds its data)
         if not hasattr(self, "_stand_ins"):
@@ -550,7 +561,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
                 known = self.get_state_registry(TREATMENT_KEY).categorical_mapping
             else:
                 known = self.get_state_registry(COVARIATES_KEY).mappings[key]
-            values = pd.Series(np.asarray(where[key], dtype=object))
+            # to_numpy: numpy's look-up of array attributes on a Series hashes its index
+            values = pd.Series(where[key].to_numpy(dtype=object))
             if values.isna().any():
                 raise ValueError(f"obs[{key!r}] has {int(values.isna().sum())} missing values.")
             unseen = sorted(set(values.astype(str)) - {str(k) for k in known})
@@ -628,7 +640,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
-        return super().train(
+        result = super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -640,6 +652,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             datasplitter_kwargs=datasplitter_kwargs,
             **trainer_kwargs,
         )
+        release_fit_loaders(getattr(self, "trainer", None))  # arrays of every cell
+        return result
 
     # ------------------------------------------------------------------ save / load
     def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, **kwargs):
@@ -1211,7 +1225,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         adata = self._validate_anndata(adata)
         self.module.eval()
         loader = self._loader(adata, indices, batch_size)
-        rows = loader.indices
+        rows = np.asarray(loader.indices)
         obs = self._setup.obs(adata, "treatment_key").iloc[rows]
         obs = obs.loc[:, [c for c in obs.columns if not str(c).startswith("_scvi")]]
         groups, values, keys = None, None, []
@@ -1263,6 +1277,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         """obs of the result: the source rows' obs once per target (target after target),
         with the target's treatment and dose and where each row came from."""
         n, n_targets = len(obs), len(targets)
+        obs = obs.set_axis(plain_names(obs.index))  # the cells' names as Python strings
         index = obs.index.astype(str)
         obs = obs.iloc[np.tile(np.arange(n), n_targets)].copy()
         if per_cell:
@@ -1290,5 +1305,5 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             where = setup.obs(adata, argument)
             if key not in where.columns:
                 raise KeyError(f"Column {key!r} (groupby) not found in adata.obs.")
-            columns[key] = np.asarray(where[key], dtype=object)
+            columns[key] = where[key].to_numpy(dtype=object)  # see _check_new_data
         return pd.DataFrame(columns, index=setup.obs(adata, "treatment_key").index)

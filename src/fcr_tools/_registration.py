@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import anndata as ad
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 from scvi.data import AnnDataManager
 
+from ._backed import arrow_names
 from ._constants import COVARIATES_KEY, X_KEY
 from ._scvi_compat import obs_column, setup_args, state_registry
 from ._validation import as_key_list
@@ -226,6 +228,14 @@ def _stand_in_anndata(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
         matrix = matrix.copy()  # the view's rows only
     var = pd.DataFrame(index=adata.var_names.copy())
     obs = adata.obs.copy()
-    if layer is None:
-        return ad.AnnData(X=matrix, obs=obs, var=var)
-    return ad.AnnData(obs=obs, var=var, layers={layer: matrix})
+    # the names are the user's, checked with their AnnData: Arrow names (a store's) are not
+    # checked again, which would hash them as a Python string per cell
+    unchecked = (
+        ad.settings.override(check_uniqueness=False)
+        if arrow_names(obs.index) and hasattr(ad.settings, "check_uniqueness")
+        else nullcontext()
+    )
+    with unchecked:
+        if layer is None:
+            return ad.AnnData(X=matrix, obs=obs, var=var)
+        return ad.AnnData(obs=obs, var=var, layers={layer: matrix})

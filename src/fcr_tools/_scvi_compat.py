@@ -43,6 +43,7 @@ __all__ = [
     "obs_column",
     "portable_history",
     "read_model_file",
+    "release_fit_loaders",
     "saved_data_file",
     "saved_init_arguments",
     "saved_model_name",
@@ -241,3 +242,20 @@ def add_init_arguments(init: Mapping, arguments: Mapping) -> dict:
     if "non_kwargs" in init:
         return {**init, "non_kwargs": {**init["non_kwargs"], **arguments}}
     return {**init, **arguments}
+
+
+# ---------------------------------------------------------------------------- trainer
+def release_fit_loaders(trainer) -> None:
+    """Let the data loaders of a finished ``fit`` go.
+
+    scvi-tools keeps the trainer as ``model.trainer``; Lightning's fit loop keeps the training
+    and validation loaders (``_combined_loader``) for a later ``fit`` on the same trainer,
+    which scvi-tools never makes (each ``train`` builds a new trainer). The loaders hold arrays
+    of every cell (treatment encoding, control partners, row pointers of a store) for as long
+    as the model lives; Lightning builds them anew whenever it needs them.
+    """
+    fit_loop = getattr(trainer, "fit_loop", None)
+    val_loop = getattr(getattr(fit_loop, "epoch_loop", None), "val_loop", None)
+    for loop in (fit_loop, val_loop):
+        if getattr(loop, "_combined_loader", None) is not None:
+            loop._combined_loader = None

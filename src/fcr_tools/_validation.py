@@ -43,6 +43,8 @@ def require_column(columns: Sequence[str], key: str, argument: str, where: str =
 
 
 _CHUNK_VALUES = 10_000_000
+# values read from a file at a time (each chunk is a copy, unlike the views of a matrix in memory)
+_CHUNK_VALUES_ON_DISK = 2**21
 
 
 def _iter_chunks(matrix):
@@ -51,20 +53,28 @@ def _iter_chunks(matrix):
     CSR / CSC matrices are scanned through their stored values, dense and other matrices row block
     by row block: a large matrix is never copied whole.
     """
-    if sparse.issparse(matrix) and matrix.format in ("csr", "csc"):
-        data = matrix.data
-        for start in range(0, data.size, _CHUNK_VALUES):
+    group = getattr(matrix, "group", None)  # a sparse matrix on disk (AnnData's backed mode)
+    on_disk = getattr(matrix, "format", None) in ("csr", "csc") and group is not None
+    if on_disk or (sparse.issparse(matrix) and matrix.format in ("csr", "csc")):
+        # the stored values, chunk by chunk (read from the file for a matrix on disk; its
+        # row pointers or indices only to name the row of an offending value)
+        source = group if on_disk else matrix
+        data = source["data"] if on_disk else matrix.data
+        step = _CHUNK_VALUES_ON_DISK if on_disk else _CHUNK_VALUES
+        for start in range(0, data.shape[0], step):
             if matrix.format == "csr":
 
-                def row_of(i, start=start):
-                    return int(np.searchsorted(matrix.indptr, start + i, side="right")) - 1
+                def row_of(i, start=start, source=source):
+                    indptr = source["indptr"][...] if on_disk else source.indptr
+                    return int(np.searchsorted(indptr, start + i, side="right")) - 1
 
             else:
 
-                def row_of(i, start=start):
-                    return int(matrix.indices[start + i])
+                def row_of(i, start=start, source=source):
+                    indices = source["indices"] if on_disk else source.indices
+                    return int(indices[start + i])
 
-            yield data[start : start + _CHUNK_VALUES], row_of
+            yield data[start : start + step], row_of
         return
     for start in range(0, matrix.shape[0], _CHUNK_ROWS):
         chunk = matrix[start : start + _CHUNK_ROWS]
@@ -165,14 +175,17 @@ def check_setup_columns(
             return values.reset_index(drop=True)
         return pd.Series(np.asarray(values).ravel())
 
-    treatments = column(treatment_key).astype(object)
-    if treatments.isna().any():
+    # chunk by chunk: no array of Python objects (or of codes) for all the cells at once
+    treatments = column(treatment_key)
+    missing = int(treatments.isna().sum())
+    if missing:
         raise ValueError(
-            f"obs[{treatment_key!r}] has {int(treatments.isna().sum())} missing values; label "
+            f"obs[{treatment_key!r}] has {missing} missing values; label "
             f"every cell (controls as {control_treatment!r})."
         )
-    treatments = treatments.astype(str)
-    labels = pd.unique(treatments)
+    labels = pd.unique(
+        np.concatenate([pd.unique(_as_labels(chunk)) for _, chunk in _chunks(treatments)])
+    )
     if require_control and control_treatment not in labels:
         shown = sorted(labels)[:10]
         raise ValueError(
@@ -198,5 +211,24 @@ def check_setup_columns(
         if pd.api.types.is_bool_dtype(doses):
             raise ValueError(f"Dose column obs[{dose_key!r}] is boolean; it must hold numbers.")
         doses = doses.to_numpy()  # numbers stay numbers: no Python object per cell
-    # parses every (treatment, dose) pair: non-numeric, NaN, negative doses fail here
-    encoder.encode(treatments.to_numpy(), doses, dose_column=dose_key)
+    # parses every (treatment, dose) pair: non-numeric, NaN, negative doses fail here (a
+    # chunk's pairs in order of first cell, those of earlier chunks already checked: the
+    # first offending pair of the data is the one reported)
+    for start, chunk in _chunks(treatments):
+        part = None if doses is None else doses[start : start + _CHUNK_CELLS]
+        encoder.encode(_as_labels(chunk), part, dose_column=dose_key)
+
+
+# cells checked at a time by check_setup_columns
+_CHUNK_CELLS = 2**16
+
+
+def _chunks(values: pd.Series):
+    """``(start, chunk)`` of successive chunks of ``_CHUNK_CELLS`` values."""
+    for start in range(0, len(values), _CHUNK_CELLS):
+        yield start, values.iloc[start : start + _CHUNK_CELLS]
+
+
+def _as_labels(values: pd.Series) -> np.ndarray:
+    """Treatment labels as strings (as ``values.astype(object).astype(str)``)."""
+    return values.astype(object).astype(str).to_numpy()
