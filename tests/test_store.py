@@ -288,3 +288,17 @@ def test_training_lets_its_loaders_go(adata, store_path):
     _train(read_store(store_path), callbacks=[Keep()])
     gc.collect()
     assert len(datasets) == 1 and datasets[0]() is None
+
+
+def test_store_with_python_names_trains_the_same(trained_pair):
+    # the names as anndata reads them (no pyarrow): the same training, and setup leaves them
+    # unhashed there too
+    memory, arrow_store = trained_pair
+    store = read_store(arrow_store.adata.filename, obs_names="object")
+    model = _train(store)
+    np.testing.assert_allclose(
+        model.history["train_loss"].to_numpy(float),
+        memory.history["train_loss"].to_numpy(float),
+        rtol=1e-5,
+    )
+    assert not _engine_built(store.obs_names)

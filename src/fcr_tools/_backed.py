@@ -66,10 +66,12 @@ def plain_obs_index(adata) -> Iterator[None]:
     pandas looks an attribute missing on a Series up among its index labels (hashing them, and
     an Arrow index turned into a Python string per cell first): ``np.unique(series)``, which
     scvi-tools calls on obs columns, does that. With Arrow names, this would hold a Python
-    string per cell and their hash table for as long as the AnnData lives.
+    string per cell and their hash table for as long as the AnnData lives; with a store's
+    Python strings, the hash table (about 35 bytes per cell). AnnData in memory with Python
+    strings are left as they are.
     """
     names = adata.obs_names
-    if adata.is_view or not arrow_names(names):
+    if adata.is_view or not (arrow_names(names) or is_store(adata)):
         yield
         return
     import pandas as pd
