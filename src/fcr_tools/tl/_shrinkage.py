@@ -6,17 +6,13 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import scvi
-from scipy import sparse
 
 from .._backed import is_store
 from .._registration import RegisteredSetup
 from ..baselines import AdditiveBaseline, _dose_label
+from ..metrics._response import _dense
 
 __all__ = ["AdditiveShrinkage", "fit_additive_shrinkage"]
-
-
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
 
 
 class AdditiveShrinkage:
