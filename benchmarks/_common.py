@@ -77,15 +77,33 @@ def environment() -> dict:
     }
 
 
-def train_fcr(adata, setup: dict, model_kwargs: dict, plan_kwargs: dict, epochs: int, seed: int):
-    """Set up, build and train an FCRModel; returns the model and training seconds."""
+def train_fcr(
+    adata,
+    setup: dict,
+    model_kwargs: dict,
+    plan_kwargs: dict,
+    epochs: int,
+    seed: int,
+    shrinkage: bool = True,
+):
+    """Set up, build and train an FCRModel; returns the model and training seconds.
+
+    ``shrinkage`` is ``FCRModel.train``'s (default on: a second training chooses how far
+    predictions of unmeasured pairs shrink towards the additive baseline); benchmarks of the
+    latents or of speed turn it off.
+    """
     from fcr_tools import FCRModel
 
     scvi.settings.seed = seed
     FCRModel.setup_anndata(adata, **setup)
     model = FCRModel(adata, **model_kwargs)
     start = time.perf_counter()
-    model.train(max_epochs=epochs, enable_progress_bar=False, plan_kwargs=plan_kwargs)
+    model.train(
+        max_epochs=epochs,
+        enable_progress_bar=False,
+        plan_kwargs=plan_kwargs,
+        shrinkage=shrinkage,
+    )
     return model, time.perf_counter() - start
 
 

@@ -85,7 +85,7 @@ def run(name: str, seed: int) -> pd.DataFrame:
     train = adata[adata.obs["split"] == "train"].copy()
     tk, ck, dk = setup["treatment_key"], setup["covariate_keys"], setup.get("dose_key")
     control = setup.get("control_treatment", "control")
-    model, _ = train_fcr(train.copy(), setup, {}, {}, epochs, seed)
+    model, _ = train_fcr(train.copy(), setup, {}, {}, epochs, seed, shrinkage=False)
     predictors = {
         "FCR": model,
         "FCR prior": Mode(model, "prior"),

@@ -140,7 +140,7 @@ def run_one(
     else:
         kwargs = {**dims, **(model_kwargs or {})}
         plan = {**(plan_kwargs or {}), **VARIANTS[variant]}
-        model, seconds = train_fcr(adata, SETUP, kwargs, plan, epochs, seed)
+        model, seconds = train_fcr(adata, SETUP, kwargs, plan, epochs, seed, shrinkage=False)
         blocks = {b: model.get_latent_representation(block=b) for b in BLOCKS}
         scores = score_blocks(blocks, adata)
         # dimensions in use (KL from the prior > 0.1 nats); the true blocks have 4 each

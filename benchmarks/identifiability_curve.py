@@ -137,7 +137,13 @@ def run_b(
     if method == FCR:
         dims = {f"n_latent_{b}": screen[f"n_latent_{b}"] for b in BLOCKS}
         model, _ = train_fcr(
-            adata, SETUP, {**dims, **(model_kwargs or {})}, dict(plan_kwargs or {}), epochs, seed
+            adata,
+            SETUP,
+            {**dims, **(model_kwargs or {})},
+            dict(plan_kwargs or {}),
+            epochs,
+            seed,
+            shrinkage=False,
         )
         blocks = {b: model.get_latent_representation(block=b) for b in BLOCKS}
         scores = score_blocks(blocks, adata)

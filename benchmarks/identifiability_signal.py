@@ -199,6 +199,7 @@ def fit(adata, sim, method: str, epochs: int, seed: int) -> dict:
         validation_size=0.2,
         enable_progress_bar=False,
         plan_kwargs=dict(plan),
+        shrinkage=False,
     )
     scores = negative_elbo(model, adata, np.asarray(model.validation_indices))
     z_tx = model.get_latent_representation(block="tx")

@@ -270,6 +270,7 @@ def measure(
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[timer],
+        shrinkage=False,
     )
     t5 = time.perf_counter(), time.process_time()
     peak = _peak(reset_worked)
@@ -363,6 +364,7 @@ def measure_ooc(
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[timer],
+        shrinkage=False,
     )
     t2 = time.perf_counter(), time.process_time()
     stamps = timer.stamps[timer.warmup :]

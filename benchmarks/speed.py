@@ -212,7 +212,7 @@ def run_method(method: str, screen: str, data: str, epochs: int, accelerator: st
         FCRModel.setup_anndata(adata, layer="counts" if likelihood == "nb" else None, **setup)
         model = FCRModel(adata, likelihood=likelihood, **model_kwargs)
         plan = {"adversarial_weight": 0.0} if "without discriminators" in method else {}
-        model.train(batch_size=256, train_size=1.0, plan_kwargs=plan, **kwargs)
+        model.train(batch_size=256, train_size=1.0, plan_kwargs=plan, shrinkage=False, **kwargs)
 
         def counterfactual():
             treatment = model.treatment_encoder.components[0]
@@ -313,12 +313,17 @@ def profile_fcr(quick: bool, out: Path, n_steps: int = 20) -> dict:
         train_size=1.0,
         callbacks=[timer],
         check_val_every_n_epoch=None,
+        shrinkage=False,
     )
     steps = model.trainer.num_training_batches
     lightning_ms = 1000 * float(np.median(timer.times[1:])) / steps
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         model.train(
-            max_epochs=1, enable_progress_bar=False, train_size=1.0, limit_train_batches=n_steps
+            max_epochs=1,
+            enable_progress_bar=False,
+            train_size=1.0,
+            limit_train_batches=n_steps,
+            shrinkage=False,
         )
     bare_ms = _bare_step_ms(model)
     share = {

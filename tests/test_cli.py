@@ -36,7 +36,11 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     umaps = ["X_umap_fcr_x", "X_umap_fcr_t", "X_umap_fcr_tx"]
     assert report["latents"]["umap_obsm_keys"] == umaps
     assert set(umaps) <= set(ad.read_h5ad(out / "latents.h5ad").obsm)
-    assert set(report["counterfactuals"]["mean_scores"]) == {"FCR", "additive", "control_mean"}
+    methods = {"FCR", "FCR without shrinkage", "additive", "control_mean"}
+    assert set(report["counterfactuals"]["mean_scores"]) == methods
+    w = report["training"]["shrinkage_weight"]  # the quick screen has groups of 40 cells
+    assert 0.0 <= w <= 1.0 and report["training"]["shrinkage_pairs"]
+    assert "x FCR +" in (out / "report.md").read_text()
     assert report["data"]["n_heldout_groups_scored"] > 0
     assert "R2 top-20 DEGs" in capsys.readouterr().out
     assert "Counterfactual prediction of held-out pairs" in (out / "report.md").read_text()
@@ -224,3 +228,13 @@ def test_predict_errors(make_screen, build_model, tmp_path, capsys):
     assert "no cell matches" in capsys.readouterr().err
     assert main([*base, "--treatment", "drug_1", "--obs-filter", "nope", *out]) == 2
     assert "COLUMN=VALUE" in capsys.readouterr().err
+
+
+def test_train_chooses_the_shrinkage_unless_told_not_to(make_screen, tmp_path, capsys):
+    make_screen(n_cells_per_condition=12).write_h5ad(tmp_path / "screen.h5ad")
+    args = ["train", "--adata", str(tmp_path / "screen.h5ad"), "--treatment-key", "drug"]
+    args += ["--covariate-keys", "cell_line", "--dose-key", "dose", *TINY_ARGS]
+    assert main([*args, "--out-model", str(tmp_path / "a")]) == 0
+    assert "Unmeasured pairs will be predicted as" in capsys.readouterr().err
+    assert main([*args, "--out-model", str(tmp_path / "b"), "--no-shrinkage"]) == 0
+    assert "Unmeasured pairs" not in capsys.readouterr().err

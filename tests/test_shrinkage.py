@@ -1,23 +1,30 @@
-"""fit_additive_shrinkage / AdditiveShrinkage: FCR shrunk towards the additive baseline."""
+"""FCRModel.fit_shrinkage / train(shrinkage=True): unmeasured pairs shrunk towards the additive
+baseline by a weight chosen on measured pairs held out inside the training data."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pytest
 import scvi
 
+from fcr_tools import FCRModel
+from fcr_tools._shrinkage import internal_pairs, least_squares_weight
 from fcr_tools.baselines import AdditiveBaseline
-from fcr_tools.tl import AdditiveShrinkage, fit_additive_shrinkage
-from fcr_tools.tl._shrinkage import _internal_pairs, _least_squares_weight
 
 HELD = ("cell_line_0", "drug_0")
 
 
+def _fcr_alone(model, *args, **kwargs):
+    """The model's own prediction."""
+    return model.predict_counterfactual(*args, shrinkage=False, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def _fitted(_screen_template):
-    """A tiny model trained without the pair HELD, and its shrinkage (module scope)."""
+    """A tiny model trained without the pair HELD, with its shrinkage chosen (module scope)."""
     from conftest import SETUP, TINY, TRAIN
-    from fcr_tools import FCRModel
 
     full = _screen_template.copy()
     pair = (full.obs["cell_line"] == HELD[0]) & (full.obs["drug"] == HELD[1])
@@ -25,58 +32,103 @@ def _fitted(_screen_template):
     FCRModel.setup_anndata(train, **SETUP)
     scvi.settings.seed = 0
     model = FCRModel(train, **TINY)
-    model.train(**TRAIN)
-    obs_before = train.obs.copy()
-    shrunk = fit_additive_shrinkage(model, seed=0, min_cells=5, batch_size=64)
-    return full, train, model, shrunk, obs_before
+    model.train(**TRAIN, shrinkage=False)
+    assert model.shrinkage_ is None
+    obs_before, uns_before = train.obs.copy(), set(train.uns)
+    weight = model.fit_shrinkage(seed=0, min_cells=5, batch_size=64)
+    return full, train, model, weight, (obs_before, uns_before)
 
 
 def test_weight_and_pairs_recorded(_fitted):
-    shrunk = _fitted[3]
-    assert 0.0 <= shrunk.weight_ <= 1.0
-    assert shrunk.internal_pairs_, "the weight was chosen on some held-out pairs"
-    for context, treatment in shrunk.internal_pairs_:
+    _, _, model, weight, _ = _fitted
+    record = model.shrinkage_
+    assert 0.0 <= weight <= 1.0 and record["weight"] == weight
+    assert record["pairs"] and record["n_groups"] >= 1
+    for context, treatment in record["pairs"]:
         assert treatment != "control"
         assert (context, treatment) != HELD  # never a pair the training data lacks
-    assert "weight=" in repr(shrunk)
+    assert record["means"].shape[1] == model.summary_stats.n_vars
 
 
 def test_training_data_untouched(_fitted):
-    _, train, _, _, obs_before = _fitted
+    _, train, _, _, (obs_before, uns_before) = _fitted
     assert list(train.obs.columns) == list(obs_before.columns)
     np.testing.assert_array_equal(train.obs["drug"], obs_before["drug"])
+    assert set(train.uns) == uns_before
 
 
 def test_unmeasured_pair_is_blended(_fitted, snapshot):
-    full, train, model, shrunk, _ = _fitted
+    full, train, model, w, _ = _fitted
     controls = full[(full.obs["cell_line"] == HELD[0]) & (full.obs["drug"] == "control")].copy()
     check = snapshot(controls)
-    pred = shrunk.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
+    pred = model.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
     check(controls)
-    fcr = model.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
+    fcr = _fcr_alone(model, controls, treatment=HELD[1], dose=1.0)
     additive = AdditiveBaseline(train, "drug", "cell_line", dose_key="dose")
     add = additive.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
-    w = shrunk.weight_
     expected = w * np.asarray(fcr.X, dtype=np.float64) + (1 - w) * np.asarray(add.X)
     np.testing.assert_allclose(pred.X, expected, rtol=1e-5, atol=1e-5)
-    assert (pred.obs["shrinkage_weight"] == w).all()
+    np.testing.assert_allclose(pred.obs["shrinkage_weight"], w)
     assert pred.obs["drug"].astype(str).eq(HELD[1]).all()
 
 
-def test_measured_pair_is_fcr(_fitted):
-    full, _, model, shrunk, _ = _fitted
+def test_measured_pair_and_control_are_fcr(_fitted):
+    full, _, model, _, _ = _fitted
     controls = full[(full.obs["cell_line"] == "cell_line_1") & (full.obs["drug"] == "control")]
-    pred = shrunk.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
-    fcr = model.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
-    np.testing.assert_array_equal(pred.X, fcr.X)
-    assert (pred.obs["shrinkage_weight"] == 1.0).all()
+    for treatment, dose in [(HELD[1], 1.0), ("control", None)]:
+        pred = model.predict_counterfactual(controls, treatment=treatment, dose=dose)
+        fcr = _fcr_alone(model, controls, treatment=treatment, dose=dose)
+        np.testing.assert_array_equal(pred.X, fcr.X)
+        assert (pred.obs["shrinkage_weight"] == 1.0).all()
+
+
+def test_grid_matches_single_calls_and_means(_fitted):
+    full, _, model, w, _ = _fitted
+    controls = full[full.obs["drug"] == "control"].copy()  # every cell line: some measured
+    targets = [HELD[1], "drug_1"]
+    grid = model.predict_grid(controls, treatment=targets, dose=[1.0])
+    for k, treatment in enumerate(targets):
+        single = model.predict_counterfactual(controls, treatment=treatment, dose=1.0)
+        rows = grid.obs["target"].to_numpy() == k
+        np.testing.assert_allclose(grid.X[rows], single.X, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(
+            grid.obs["shrinkage_weight"].to_numpy()[rows], single.obs["shrinkage_weight"]
+        )
+    # means of groups that mix a shrunk context with measured ones (groupby the source drug)
+    means = model.predict_grid(
+        controls, treatment=targets, dose=[1.0], aggregate="mean", groupby="drug"
+    )
+    for k in range(len(targets)):
+        rows = grid.obs["target"].to_numpy() == k
+        np.testing.assert_allclose(means.X[k], grid.X[rows].mean(0), rtol=1e-4, atol=1e-5)
+        weight = grid.obs["shrinkage_weight"].to_numpy()[rows].mean()
+        assert means.obs["shrinkage_weight"].iloc[k] == pytest.approx(weight, rel=1e-5)
+    assert means.obs["shrinkage_weight"].iloc[0] < 1.0 or w == 1.0
+
+
+def test_saved_and_loaded_with_the_weight(_fitted, tmp_path):
+    full, train, model, w, _ = _fitted
+    controls = full[(full.obs["cell_line"] == HELD[0]) & (full.obs["drug"] == "control")].copy()
+    expected = model.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
+    model.save(str(tmp_path / "m"))
+    for loaded in (
+        FCRModel.load(str(tmp_path / "m"), adata=train.copy()),
+        FCRModel.load(str(tmp_path / "m")),  # without data: the means come with the model
+    ):
+        assert loaded.shrinkage_["weight"] == w
+        assert loaded.fcr_version_["model_format"] == "1.3"
+        pred = loaded.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
+        np.testing.assert_allclose(pred.X, expected.X, rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_weight(_fitted):
-    _, _, model, shrunk, _ = _fitted
-    again = fit_additive_shrinkage(model, seed=0, min_cells=5, batch_size=64)
-    assert again.weight_ == pytest.approx(shrunk.weight_)
-    assert again.internal_pairs_ == shrunk.internal_pairs_
+    _, _, model, weight, _ = _fitted
+    pairs = model.shrinkage_["pairs"]
+    try:
+        assert model.fit_shrinkage(seed=0, min_cells=5, batch_size=64) == pytest.approx(weight)
+        assert model.shrinkage_["pairs"] == pairs
+    finally:
+        model.shrinkage_["weight"] = weight  # the fixture is shared
 
 
 def test_least_squares_weight_recovers_mixture():
@@ -85,27 +137,48 @@ def test_least_squares_weight_recovers_mixture():
     for _ in range(3):
         a, b = rng.normal(size=50), rng.normal(size=50)
         groups.append((0.3 * a + 0.7 * b, (a, b)))
-    assert _least_squares_weight(groups) == pytest.approx(0.3)
+    assert least_squares_weight(groups) == pytest.approx(0.3)
     far = [(a + 2 * (a - b), (a, b)) for _, (a, b) in groups]  # beyond FCR: clipped to 1
-    assert _least_squares_weight(far) == 1.0
+    assert least_squares_weight(far) == 1.0
 
 
 def test_internal_pairs_need_the_treatment_elsewhere():
     contexts = np.array(["A", "A", "B", "B", "B", "C"])
     treatments = np.array(["ctl", "x", "ctl", "x", "y", "ctl"])
-    pairs = _internal_pairs(contexts, treatments, "ctl", np.random.default_rng(0))
+    pairs = internal_pairs(contexts, treatments, "ctl", np.random.default_rng(0))
     assert len(pairs) == 1 and pairs[0][1] == "x"  # y is measured in B only
     combos = np.array(["ctl", "p", "ctl", "q", "p+q", "ctl"])
-    assert _internal_pairs(contexts, combos, "ctl", np.random.default_rng(0)) == [("B", "p+q")]
+    assert internal_pairs(contexts, combos, "ctl", np.random.default_rng(0)) == [("B", "p+q")]
+
+
+def test_train_chooses_the_weight_by_default(build_model):
+    from conftest import small_screen
+
+    adata = small_screen(n_cells_per_condition=12)  # groups of >= 10 cells (min_cells)
+    model = build_model(adata)
+    assert model.shrinkage_ is not None
+    assert model.shrinkage_["epochs"] == len(model.history["train_loss"])
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False, shrinkage=False)
+    assert model.shrinkage_ is None  # the weight of the earlier training is dropped
+
+
+def test_skipped_with_a_reason_where_it_cannot_be_chosen(adata, build_model, caplog):
+    with caplog.at_level(logging.INFO, logger="scvi"):
+        model = build_model(adata)  # 8 cells per group, below min_cells=10
+    assert model.shrinkage_ is None
+    assert "fewer than min_cells=10" in caplog.text
+    with pytest.raises(ValueError, match="fewer than min_cells=10"):
+        model.fit_shrinkage()
 
 
 def test_errors(adata, build_model):
     untrained = build_model(adata, train=False)
     with pytest.raises(ValueError, match="Train the model first"):
-        fit_additive_shrinkage(untrained)
+        untrained.fit_shrinkage()
     one_line = adata[adata.obs["cell_line"] == "cell_line_0"].copy()
     model = build_model(one_line)
     with pytest.raises(ValueError, match="measured in one context only"):
-        fit_additive_shrinkage(model)
-    with pytest.raises(ValueError, match=r"weight must lie in \[0, 1\]"):
-        AdditiveShrinkage(model, None, 1.5)
+        model.fit_shrinkage(min_cells=1)
+    nb = build_model(adata.copy(), setup={"layer": "counts"}, likelihood="nb")
+    with pytest.raises(ValueError, match="Gaussian likelihood only"):
+        nb.fit_shrinkage(min_cells=1)

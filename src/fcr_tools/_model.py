@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -74,6 +75,8 @@ from ._scvi_compat import (
     release_fit_loaders,
     setup_method_name,
 )
+from ._shrinkage import MIN_CELLS as SHRINKAGE_MIN_CELLS
+from ._shrinkage import ShrinkageUnavailable, fit_shrinkage, saved_additive, shrink
 from ._training_plan import FCRTrainingPlan
 from ._treatments import TreatmentEncoder
 from ._validation import as_key_list, check_expression, check_setup_columns, layer_names
@@ -113,6 +116,12 @@ _DDP_FIND_UNUSED = {
 
 # minibatch size of inference (latents, counterfactuals): large batches cut per-batch overhead
 INFERENCE_BATCH_SIZE = 1024
+# train() arguments the second training of fit_shrinkage does not repeat (a user's callbacks
+# and loggers belong to the model they were given for; the data split to its data)
+_NOT_REPEATED = ("callbacks", "logger", "strategy", "datasplitter_kwargs", "max_epochs")
+
+# under scvi-tools' logger, so its verbosity setting applies and the messages show by default
+logger = logging.getLogger(f"scvi.{__name__}")
 
 
 class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
@@ -265,6 +274,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         )
         self.fcr_version_ = version_info()
         self.init_params_ = self._get_init_params(locals())
+        # how far predictions of unmeasured pairs shrink towards the additive baseline
+        # (set by train / fit_shrinkage; saved with the model)
+        self.shrinkage_ = None
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -592,6 +604,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         early_stopping: bool = False,
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
+        shrinkage: bool = True,
         **trainer_kwargs,
     ):
         """Train the model.
@@ -621,6 +634,13 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             every term of the objective.
         datasplitter_kwargs
             Arguments of the data splitter, e.g. ``{"external_indexing": [train, val, test]}``.
+        shrinkage
+            Then choose how far predictions of (context, treatment) pairs never measured shrink
+            towards the additive baseline (:meth:`fit_shrinkage`: a second training, on the
+            data without some measured pairs, so training takes about twice as long). It is
+            skipped, with a log message, where it cannot be chosen (data too small, every
+            treatment measured in one context only, MuData, an on-disk store, the negative
+            binomial, several devices). ``False``: predictions are FCR's own.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``strategy="ddp"``.
 
@@ -640,20 +660,98 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
-        result = super().train(
-            max_epochs=max_epochs,
+        settings = dict(
             accelerator=accelerator,
             devices=devices,
             train_size=train_size,
             validation_size=validation_size,
             batch_size=batch_size,
             early_stopping=early_stopping,
+        )
+        result = super().train(
+            max_epochs=max_epochs,
             plan_kwargs=plan_kwargs,
             datasplitter_kwargs=datasplitter_kwargs,
+            **settings,
             **trainer_kwargs,
         )
         release_fit_loaders(getattr(self, "trainer", None))  # arrays of every cell
+        self.shrinkage_ = None  # a weight chosen for the model before this training is stale
+        if shrinkage:
+            repeated = {k: v for k, v in trainer_kwargs.items() if k not in _NOT_REPEATED}
+            try:
+                if strategy not in (None, "auto") or devices not in ("auto", 1, [0], "1"):
+                    raise ShrinkageUnavailable("training on several devices (DDP).")
+                self.fit_shrinkage(plan_kwargs=plan_kwargs, **settings, **repeated)
+            except ShrinkageUnavailable as err:
+                logger.info(f"Predictions of unmeasured pairs are FCR's own: {err}")
         return result
+
+    def fit_shrinkage(
+        self,
+        max_epochs: int | None = None,
+        seed: int | None = None,
+        min_cells: int = SHRINKAGE_MIN_CELLS,
+        plan_kwargs: dict | None = None,
+        **train_kwargs,
+    ) -> float:
+        """Choose how far predictions of unmeasured pairs shrink towards the additive baseline.
+
+        :meth:`train` calls this at its end (``shrinkage=True``, the default). Some measured
+        (context, treatment) pairs of the training data are held out again: ``max(1, n // 5)``
+        of the ``n`` treated pairs whose treatment (or each part of a combination ``"A+B"``)
+        is measured in another pair, at most one per treatment, drawn with ``seed``. A second
+        FCR with this model's settings is trained without them, and the weight ``w`` is the
+        least-squares weight of ``w * FCR + (1 - w) * additive`` on their group means (all
+        genes, clipped to [0, 1]), the additive baseline being
+        :class:`~fcr_tools.baselines.AdditiveBaseline` of the training data. From then on
+        :meth:`predict_counterfactual` and :meth:`predict_grid` return that blend for cells
+        whose (context, target treatment, dose) was not measured in training, and FCR's own
+        prediction for the rest. ``w`` near 1 says FCR's interactions transfer to unmeasured
+        pairs; near 0, that composing the main effects additively predicts them better. The
+        weight, the pairs and the training data's group means are kept in ``shrinkage_``
+        and saved with the model.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs of the second training (``None``: as many as this model was trained for).
+        seed
+            Seed of the pair draw and the second training (``None``: ``scvi.settings.seed``).
+        min_cells
+            Smallest held-out (context, treatment, dose) group used to choose the weight.
+        plan_kwargs, **train_kwargs
+            Passed to :meth:`train` of the second model; give what this model was trained
+            with.
+
+        Returns
+        -------
+        The weight ``w``.
+
+        Raises
+        ------
+        ValueError
+            When it cannot be chosen (the message says why): the model is not trained; its
+            training data are not an AnnData in memory; the likelihood is not Gaussian; no
+            measured pair can be held out, or none has ``min_cells`` cells.
+
+        Examples
+        --------
+        >>> w = model.fit_shrinkage(max_epochs=2, min_cells=5)
+        >>> 0.0 <= w <= 1.0, model.shrinkage_["weight"] == w
+        (True, True)
+        """
+        if not self.is_trained_:
+            raise ValueError("Train the model first: model.train().")
+        if max_epochs is None:
+            max_epochs = len(self.history["train_loss"])
+        record = fit_shrinkage(self, max_epochs, seed, min_cells, plan_kwargs, **train_kwargs)
+        self.shrinkage_ = record
+        logger.info(
+            f"Predictions of unmeasured pairs: {record['weight']:.2f} x FCR + "
+            f"{1 - record['weight']:.2f} x additive (chosen on held-out pairs {record['pairs']})."
+        )
+        return record["weight"]
 
     # ------------------------------------------------------------------ save / load
     def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, **kwargs):
@@ -1075,6 +1173,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
         mode: Literal["prior", "sample", "abduction"] = "abduction",
+        shrinkage: bool = True,
     ) -> ad.AnnData:
         """Expected expression of cells had they received ``treatment`` at ``dose``.
 
@@ -1102,6 +1201,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             response of the cell's context); ``"sample"``: one draw of z_t and z_tx from the
             target's priors per cell, so the predicted cells spread like a treated
             population (random: set ``scvi.settings.seed`` to repeat it).
+        shrinkage
+            For a cell whose (context, target treatment, dose) was never measured in training,
+            return ``w * FCR + (1 - w) * additive``, with the weight ``w`` that :meth:`train`
+            chose (:meth:`fit_shrinkage`; recorded per cell in ``obs["shrinkage_weight"]``).
+            ``False``, or a model without a chosen weight: FCR's own prediction.
 
         Returns
         -------
@@ -1109,7 +1213,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         expression on the registered data's scale: log-normalised for ``"gaussian"``; for
         ``"nb"``, expected counts at each cell's observed library size, with the normalised
         expression (counts per 10,000) in ``layers["normalized"]``. ``obs`` carries the target
-        treatment and dose, and the observed treatment in ``obs["source_<treatment_key>"]``.
+        treatment and dose, the observed treatment in ``obs["source_<treatment_key>"]`` and,
+        with shrinkage, FCR's weight in each row in ``obs["shrinkage_weight"]``.
 
         Examples
         --------
@@ -1120,7 +1225,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         """
         if treatment is None:
             raise ValueError("treatment is required: the target treatment label.")
-        return self._predict([(str(treatment), dose)], adata, indices, batch_size, mode)
+        return self._predict(
+            [(str(treatment), dose)], adata, indices, batch_size, mode, shrinkage=shrinkage
+        )
 
     @torch.inference_mode()
     def predict_grid(
@@ -1133,6 +1240,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         mode: Literal["prior", "sample", "abduction"] = "abduction",
         aggregate: Literal["cells", "mean"] = "cells",
         groupby: str | Sequence[str] | None = None,
+        shrinkage: bool = True,
     ) -> ad.AnnData:
         """Counterfactuals of the same cells for a grid of (treatment, dose) targets, in one pass.
 
@@ -1163,6 +1271,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         groupby
             obs column(s) that define the groups of ``aggregate="mean"`` (default: the
             model's covariates, i.e. one row per context and target).
+        shrinkage
+            As in :meth:`predict_counterfactual` (a group's ``shrinkage_weight`` is the mean
+            of its cells').
 
         Returns
         -------
@@ -1206,6 +1317,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             grid=True,
             aggregate=aggregate,
             groupby=groupby,
+            shrinkage=shrinkage,
         )
 
     def _predict(
@@ -1218,6 +1330,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         grid=False,
         aggregate="cells",
         groupby=None,
+        shrinkage=True,
     ) -> ad.AnnData:
         """Counterfactuals of ``targets`` ((label, dose) pairs) as one AnnData."""
         check_mode(mode)
@@ -1229,16 +1342,32 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         obs = self._setup.obs(adata, "treatment_key").iloc[rows]
         obs = obs.loc[:, [c for c in obs.columns if not str(c).startswith("_scvi")]]
         groups, values, keys = None, None, []
+        blend = self._shrinkage_baseline() if shrinkage else None
+        contexts = None if blend is None else self._context_labels(adata, rows)
         if aggregate == "mean":
             keys = self.covariate_keys if groupby is None else as_key_list(groupby)
             frame = self._group_columns(adata, keys).iloc[rows]
             groups, values = group_codes(frame)
+        # with shrinkage, means are taken per (group, context) and blended per context first
+        parts, part_values = groups, values
+        if aggregate == "mean" and blend is not None:
+            parts, part_values = group_codes(pd.DataFrame({"group": groups, "ctx": contexts}))
         batches = self._batches(adata, loader=loader)
-        n_groups = 0 if values is None else len(values)
+        n_parts = 0 if part_values is None else len(part_values)
         means, scales = counterfactual_expression(
-            self.module, batches, vectors, mode, len(rows), groups, n_groups
+            self.module, batches, vectors, mode, len(rows), parts, n_parts
         )
+        weights = None
+        if blend is not None:
+            additive, weight = blend
+            where = contexts if aggregate == "cells" else [c for _, c in part_values]
+            weights = shrink(additive, weight, means, where, targets)
+            if aggregate == "mean":
+                owner = np.array([int(g) for g, _ in part_values])
+                sizes = np.bincount(parts, minlength=n_parts).astype(np.float64)
+                means, weights = (_pool(a, owner, sizes, len(values)) for a in (means, weights))
         if aggregate == "mean":
+            n_groups = len(values)
             counts = np.bincount(groups, minlength=n_groups)
             names = ["|".join(group) or "all" for group in values]
             # the groups' own treatment / dose columns become source_<column>, as per cell
@@ -1257,6 +1386,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         )
         if scales is not None:  # counts per 10,000
             result.layers["normalized"] = scales.reshape(-1, scales.shape[-1])
+        if weights is not None:  # FCR's share of each row (1: FCR's own prediction)
+            result.obs["shrinkage_weight"] = weights.reshape(-1)
         if grid:
             described = {"targets": [[t, str(self._dose_of(t, d))] for t, d in targets]}
             described["aggregate"] = aggregate
@@ -1266,6 +1397,25 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         described.update(mode=mode, likelihood=self.module.likelihood)
         result.uns["fcr_counterfactual"] = described
         return result
+
+    def _shrinkage_baseline(self):
+        """``(additive baseline, weight)`` of the chosen shrinkage, or ``None``."""
+        record = self.shrinkage_
+        if not record:
+            return None
+        cached = getattr(self, "_shrinkage_cache", None)
+        if cached is None or cached[0] is not record:
+            cached = (record, saved_additive(record, self._setup, self.get_var_names()))
+            self._shrinkage_cache = cached
+        return cached[1], float(record["weight"])
+
+    def _context_labels(self, adata, rows) -> np.ndarray:
+        """Each row's covariate values joined by ``"|"`` (``"all"`` without covariates), as
+        :class:`~fcr_tools.baselines.AdditiveBaseline` names contexts."""
+        if not self.covariate_keys:
+            return np.full(len(rows), "all", dtype=object)
+        frame = self._group_columns(adata, self.covariate_keys).iloc[rows]
+        return np.array(["|".join(map(str, row)) for row in frame.itertuples(index=False)])
 
     def _dose_of(self, treatment: str, dose):
         """The dose recorded for a target: 0 for the control, 1.0 when not given."""
@@ -1307,3 +1457,12 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
                 raise KeyError(f"Column {key!r} (groupby) not found in adata.obs.")
             columns[key] = where[key].to_numpy(dtype=object)  # see _check_new_data
         return pd.DataFrame(columns, index=setup.obs(adata, "treatment_key").index)
+
+
+def _pool(values: np.ndarray, owner: np.ndarray, sizes: np.ndarray, n_groups: int):
+    """Count-weighted means over parts (axis 1 of ``values``) of the groups ``owner`` names."""
+    totals = np.zeros((values.shape[0], n_groups, *values.shape[2:]), dtype=np.float64)
+    weighted = values * sizes.reshape(1, -1, *([1] * (values.ndim - 2)))
+    np.add.at(totals, (slice(None), owner), weighted)
+    counts = np.bincount(owner, weights=sizes, minlength=n_groups)
+    return (totals / counts.reshape(1, -1, *([1] * (values.ndim - 2)))).astype(np.float32)

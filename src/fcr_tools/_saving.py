@@ -35,7 +35,10 @@ from ._scvi_compat import (
 # it have the one-hidden-layer MLP prior.
 # 1.2: posterior, interaction_context, decoder, treatment_prior and dose_response became model
 # arguments (new defaults); models saved before them are rebuilt with the values they had.
-MODEL_FORMAT = (1, 2)
+# 1.3: the model keeps the shrinkage weight of unmeasured pairs and the training data's group
+# means (shrinkage_, from FCRModel.fit_shrinkage); models saved before it predict with FCR alone,
+# and a 1.2 reader, which would ignore the weight, refuses 1.3 models.
+MODEL_FORMAT = (1, 3)
 # the libraries whose versions decide whether a saved model.pt can be unpickled
 LIBRARIES = ("torch", "pandas", "numpy", "scvi-tools", "anndata")
 # the format of models saved before formats were recorded

@@ -149,7 +149,11 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         accelerator=args.accelerator,
         enable_progress_bar=not args.no_progress,
+        shrinkage=not args.no_shrinkage,
     )
+    if model.shrinkage_:
+        w = model.shrinkage_["weight"]
+        _info(f"Unmeasured pairs will be predicted as {w:.2f} x FCR + {1 - w:.2f} x additive.")
     model.save(str(out_model), overwrite=True)
     _info(f"Saved the model to {out_model}/")
     if args.out_adata:
@@ -303,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     train.add_argument("--accelerator", default="auto", help="Lightning accelerator")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--no-shrinkage",
+        action="store_true",
+        help="skip the second training that chooses how far predictions of unmeasured pairs "
+        "shrink towards the additive baseline",
+    )
     train.set_defaults(func=_train)
 
     predict = sub.add_parser(

@@ -1,0 +1,237 @@
+"""Predictions of unmeasured (context, treatment) pairs shrunk towards the additive baseline.
+
+FCR predicts a pair never measured from its latent interaction; the additive baseline
+composes the context's control mean with the treatment's mean shift in other contexts. Which
+transfers better differs between screens, so the model chooses, from its training data alone,
+the weight ``w`` of ``w * FCR + (1 - w) * additive``: some measured pairs are held out again, a
+second FCR with the same settings is trained without them, and ``w`` is the least-squares
+weight of its and the additive baseline's predicted means of those pairs. The record
+(``FCRModel.shrinkage_``) is a plain dict, saved with the model: the weight, the pairs it was
+chosen on, and the training data's group means that the additive baseline needs.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scvi
+from scvi import settings
+
+from ._backed import is_store
+from ._registration import RegisteredSetup
+from .baselines import AdditiveBaseline, _dose_label, _GroupMeans
+from .metrics._response import _dense
+
+MIN_CELLS = 10  # smallest held-out group the weight is chosen on
+
+
+class ShrinkageUnavailable(ValueError):
+    """The weight cannot be chosen on this model or data (the message says why)."""
+
+
+def internal_pairs(contexts, treatments, control: str, rng) -> list[tuple[str, str]]:
+    """Measured treated pairs whose treatment (each part of an ``"A+B"``) is measured
+    elsewhere: ``max(1, n // 5)`` of the ``n`` such pairs, at most one per treatment."""
+    treated = treatments != control
+    candidates = []
+    pairs = set(zip(contexts[treated], treatments[treated], strict=True))
+    for context, treatment in sorted(pairs):
+        elsewhere = set(treatments[~((contexts == context) & (treatments == treatment))])
+        if all(part in elsewhere for part in treatment.split("+")):
+            candidates.append((context, treatment))
+    chosen, used = [], set()
+    for i in rng.permutation(len(candidates)):
+        context, treatment = candidates[i]
+        if treatment not in used:
+            chosen.append((context, treatment))
+            used.add(treatment)
+        if len(chosen) == max(1, len(candidates) // 5):
+            break
+    return chosen
+
+
+def _group_keys(adata, additive: AdditiveBaseline, setup: RegisteredSetup):
+    """Each cell's ``"context\\ttreatment\\tdose"`` key, context and dose."""
+    obs = adata.obs
+    contexts = additive._means.context_labels(adata)
+    doses = obs[setup.dose_key].to_numpy() if setup.dose_key else np.full(adata.n_obs, None)
+    labels = np.array([_dose_label(d) for d in doses], dtype=object)
+    treatments = obs[setup.treatment_key].astype(str)
+    keys = np.array(
+        [f"{c}\t{t}\t{d}" for c, t, d in zip(contexts, treatments, labels, strict=True)]
+    )
+    return keys, contexts, doses
+
+
+def group_means(model, additive, adata, held, setup: RegisteredSetup, min_cells: int):
+    """True and predicted (FCR, additive) mean of each held-out treated group of at least
+    ``min_cells`` cells."""
+    keys, contexts, doses = _group_keys(adata, additive, setup)
+    is_control = (adata.obs[setup.treatment_key].astype(str) == setup.control_treatment).to_numpy()
+    groups = []
+    for key in np.unique(keys[held]):
+        rows = np.flatnonzero(keys == key)
+        context, treatment, _ = key.split("\t")
+        if len(rows) < min_cells:
+            continue
+        controls = adata[(contexts == context) & is_control & ~held]
+        dose = doses[rows[0]]
+        truth = _dense(adata[rows].X if setup.layer is None else adata[rows].layers[setup.layer])
+        preds = [
+            _dense(p.predict_counterfactual(controls, treatment=treatment, dose=dose).X).mean(0)
+            for p in (model, additive)
+        ]
+        groups.append((truth.mean(0), preds))
+    return groups
+
+
+def least_squares_weight(groups) -> float:
+    """The ``w`` in [0, 1] minimising the squared error of ``w * FCR + (1 - w) * additive``."""
+    num = sum(float(((y - b) * (a - b)).sum()) for y, (a, b) in groups)
+    den = sum(float(((a - b) ** 2).sum()) for _, (a, b) in groups)
+    return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 1.0
+
+
+def additive_baseline(adata: ad.AnnData, setup: RegisteredSetup) -> AdditiveBaseline:
+    """The additive baseline of ``adata`` with the model's registered columns."""
+    return AdditiveBaseline(
+        adata,
+        setup.treatment_key,
+        setup.covariate_keys or None,
+        dose_key=setup.dose_key,
+        control_treatment=setup.control_treatment,
+        layer=setup.layer,
+    )
+
+
+def plain_copy(adata: ad.AnnData) -> ad.AnnData:
+    """A copy without scvi-tools' registration (obs columns and uns entries)."""
+    copy = adata.copy()
+    copy.obs = copy.obs.loc[:, [c for c in copy.obs.columns if not str(c).startswith("_scvi")]]
+    for key in [k for k in copy.uns if str(k).startswith("_scvi")]:
+        del copy.uns[key]
+    return copy
+
+
+def check_available(model) -> None:
+    """Fail with the reason when the weight cannot be chosen for ``model``."""
+    adata = model.adata
+    if adata is None or hasattr(adata, "mod") or is_store(adata):
+        raise ShrinkageUnavailable(
+            "choosing the shrinkage weight needs the model's training AnnData in memory (not a "
+            "MuData, an on-disk store, or a model loaded without data)."
+        )
+    if model.module.likelihood != "gaussian":
+        raise ShrinkageUnavailable(
+            "shrinkage towards the additive baseline is implemented for the Gaussian "
+            f"likelihood only, not {model.module.likelihood!r}."
+        )
+
+
+def fit_shrinkage(
+    model,
+    max_epochs: int,
+    seed: int | None = None,
+    min_cells: int = MIN_CELLS,
+    plan_kwargs: dict | None = None,
+    **train_kwargs,
+) -> dict:
+    """Choose the weight for trained ``model``; returns the record kept as ``shrinkage_``.
+
+    Raises :class:`ShrinkageUnavailable` (before any training) when no measured pair can be
+    held out, none has ``min_cells`` cells, or the model / data cannot be used.
+    """
+    check_available(model)
+    adata = model.adata
+    setup = RegisteredSetup.from_registry(model.registry_)
+    seed = settings.seed if seed is None else seed
+    rng = np.random.default_rng(0 if seed is None else seed)
+    additive = additive_baseline(adata, setup)
+    keys, contexts, _ = _group_keys(adata, additive, setup)
+    treatments = adata.obs[setup.treatment_key].astype(str).to_numpy()
+    pairs = internal_pairs(contexts, treatments, setup.control_treatment, rng)
+    if not pairs:
+        raise ShrinkageUnavailable(
+            "no measured (context, treatment) pair can be held out: every treatment is "
+            "measured in one context only, so there is nothing to choose the weight on."
+        )
+    held = np.zeros(adata.n_obs, dtype=bool)
+    for context, treatment in pairs:
+        held |= (contexts == context) & (treatments == treatment)
+    sizes = np.unique(keys[held], return_counts=True)[1]
+    if sizes.max() < min_cells:
+        raise ShrinkageUnavailable(
+            f"the measured pairs that can be held out ({pairs}) have fewer than "
+            f"min_cells={min_cells} cells per (context, treatment, dose) group."
+        )
+    inner = plain_copy(adata[~held])
+    cls = type(model)
+    cls.setup_anndata(inner, **{k: v for k, v in setup.args.items() if k != "modalities"})
+    if seed is not None:
+        scvi.settings.seed = seed  # before the second model's weights are drawn
+    params = model.init_params_
+    second = cls(inner, **params["non_kwargs"], **params["kwargs"])
+    second.train(
+        max_epochs=max_epochs,
+        plan_kwargs=plan_kwargs,
+        shrinkage=False,
+        **{"enable_progress_bar": False, **train_kwargs},
+    )
+    groups = group_means(
+        second, additive_baseline(inner, setup), plain_copy(adata), held, setup, min_cells
+    )
+    means = additive._means
+    return {
+        "weight": least_squares_weight(groups),
+        "pairs": [list(p) for p in sorted(pairs)],
+        "n_groups": len(groups),
+        "epochs": int(max_epochs),
+        "means_keys": [list(k) for k in means.means],
+        "means": np.stack(list(means.means.values())).astype(np.float32),
+    }
+
+
+def saved_additive(record: dict, setup: RegisteredSetup, var_names) -> AdditiveBaseline:
+    """The additive baseline of the training data, rebuilt from a ``shrinkage_`` record."""
+    means = object.__new__(_GroupMeans)
+    means.treatment_key = setup.treatment_key
+    means.covariate_keys = list(setup.covariate_keys)
+    means.dose_key = setup.dose_key
+    means.control = setup.control_treatment
+    means.layer = setup.layer
+    means.var_names = pd.Index(setup.genes(var_names))
+    means.means = {
+        tuple(k): v for k, v in zip(map(tuple, record["means_keys"]), record["means"], strict=True)
+    }
+    baseline = object.__new__(AdditiveBaseline)
+    baseline._means = means
+    return baseline
+
+
+def shrink(additive: AdditiveBaseline, weight: float, values, contexts, targets) -> np.ndarray:
+    """Blend ``values`` (targets x rows x genes, FCR's) in place towards the additive baseline.
+
+    Rows whose (context, target treatment, dose) was measured in training, targets at the
+    control label, and targets the additive baseline cannot predict (a treatment or dose never
+    measured with controls) keep FCR's prediction. Returns the weight of FCR per target and
+    row (1.0 where unchanged).
+    """
+    means = additive._means
+    unique, inverse = np.unique(np.asarray(contexts, dtype=object), return_inverse=True)
+    weights = np.ones((len(targets), len(inverse)), dtype=np.float32)
+    for k, (treatment, dose) in enumerate(targets):
+        if treatment == means.control:
+            continue
+        label = _dose_label(dose)
+        for i, context in enumerate(unique):
+            if (context, treatment, label) in means.means:
+                continue
+            try:
+                target = means.control_mean(context) + additive._shift(treatment, label, context)
+            except ValueError:  # no controls in this context, or nothing to compose
+                continue
+            rows = inverse == i
+            values[k, rows] = weight * values[k, rows] + (1 - weight) * target
+            weights[k, rows] = weight
+    return weights
