@@ -131,6 +131,9 @@ def test_skip_decoder_adds_a_linear_map_of_the_latents():
     decoder = SkipDecoder(7, 10, 8, 2)
     z = torch.randn(5, 7)
     torch.testing.assert_close(decoder(z), decoder.mlp(z) + z @ decoder.linear.weight.T)
+    with torch.inference_mode():  # prediction's one-product path: the same map
+        fast = decoder(z)
+    torch.testing.assert_close(fast, (decoder.mlp(z) + z @ decoder.linear.weight.T).detach())
 
 
 @pytest.mark.parametrize("decoder", ["mlp", "additive", "skip"])
