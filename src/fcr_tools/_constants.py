@@ -12,3 +12,6 @@ TREATMENT_DOSE_KEY = "treatment_dose"
 CONTROL_X_KEY = "control_X"
 
 LATENT_BLOCKS = ("x", "t", "tx")
+
+# cells checked, encoded or grouped at a time in setup and pairing (bounded transient memory)
+CHUNK_CELLS = 2**16

@@ -20,6 +20,7 @@ from scvi.dataloaders import DataSplitter
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from ._backed import StoreRows
+from ._constants import CHUNK_CELLS as _ENCODE_CHUNK  # a module attribute: tests shrink it
 from ._constants import (
     CONTROL_X_KEY,
     COVARIATES_KEY,
@@ -109,10 +110,6 @@ def cell_treatments(adata_manager: AnnDataManager) -> CellTreatments:
     idx = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, width), np.int64)
     dose = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, width), np.float32)
     return CellTreatments(cell_codes, idx, dose)
-
-
-# cells encoded (or grouped) at a time by cell_treatments and covariate_groups
-_ENCODE_CHUNK = 2**16
 
 
 def _small(codes: np.ndarray, n_codes: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ._constants import CHUNK_CELLS as _CHUNK_CELLS  # a module attribute: tests shrink it
 from ._treatments import TreatmentEncoder
 
 _CHUNK_ROWS = 10_000
@@ -217,10 +218,6 @@ def check_setup_columns(
     for start, chunk in _chunks(treatments):
         part = None if doses is None else doses[start : start + _CHUNK_CELLS]
         encoder.encode(_as_labels(chunk), part, dose_column=dose_key)
-
-
-# cells checked at a time by check_setup_columns
-_CHUNK_CELLS = 2**16
 
 
 def _chunks(values: pd.Series):
