@@ -182,3 +182,12 @@ def test_errors(adata, build_model):
     nb = build_model(adata.copy(), setup={"layer": "counts"}, likelihood="nb")
     with pytest.raises(ValueError, match="Gaussian likelihood only"):
         nb.fit_shrinkage(min_cells=1)
+
+
+def test_contexts_named_as_the_additive_baseline_names_them(adata, build_model):
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2, "b1", "b2")
+    model = build_model(adata, setup={"covariate_keys": ["cell_line", "batch"]}, train=False)
+    additive = AdditiveBaseline(adata, "drug", ["cell_line", "batch"], dose_key="dose")
+    rows = np.arange(adata.n_obs)
+    expected = additive._means.context_labels(adata)
+    np.testing.assert_array_equal(model._context_labels(adata, rows), expected)

@@ -1415,7 +1415,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         if not self.covariate_keys:
             return np.full(len(rows), "all", dtype=object)
         frame = self._group_columns(adata, self.covariate_keys).iloc[rows]
-        return np.array(["|".join(map(str, row)) for row in frame.itertuples(index=False)])
+        labels = None
+        for key in frame.columns:
+            values = frame[key].astype(str).to_numpy(dtype=object)
+            labels = values if labels is None else labels + "|" + values
+        return labels
 
     def _dose_of(self, treatment: str, dose):
         """The dose recorded for a target: 0 for the control, 1.0 when not given."""

@@ -231,7 +231,13 @@ def shrink(additive: AdditiveBaseline, weight: float, values, contexts, targets)
                 target = means.control_mean(context) + additive._shift(treatment, label, context)
             except ValueError:  # no controls in this context, or nothing to compose
                 continue
-            rows = inverse == i
-            values[k, rows] = weight * values[k, rows] + (1 - weight) * target
+            rows = np.flatnonzero(inverse == i)
+            shift = ((1 - weight) * target).astype(values.dtype)
+            if rows[-1] - rows[0] == len(rows) - 1:  # consecutive rows: blend in place
+                block = values[k, rows[0] : rows[-1] + 1]
+                block *= weight
+                block += shift
+            else:
+                values[k, rows] = values[k, rows] * weight + shift
             weights[k, rows] = weight
     return weights
