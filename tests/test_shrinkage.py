@@ -191,3 +191,13 @@ def test_contexts_named_as_the_additive_baseline_names_them(adata, build_model):
     rows = np.arange(adata.n_obs)
     expected = additive._means.context_labels(adata)
     np.testing.assert_array_equal(model._context_labels(adata, rows), expected)
+
+
+def test_a_failing_second_training_warns_and_keeps_the_model(adata, build_model, monkeypatch):
+    def fail(*args, **kwargs):
+        raise FloatingPointError("loss exploded")
+
+    monkeypatch.setattr(FCRModel, "fit_shrinkage", fail)
+    with pytest.warns(UserWarning, match="FloatingPointError: loss exploded"):
+        model = build_model(adata)
+    assert model.is_trained_ and model.shrinkage_ is None

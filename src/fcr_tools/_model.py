@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -640,7 +641,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             data without some measured pairs, so training takes about twice as long). It is
             skipped, with a log message, where it cannot be chosen (data too small, every
             treatment measured in one context only, MuData, an on-disk store, the negative
-            binomial, several devices). ``False``: predictions are FCR's own.
+            binomial, several devices); if the second training fails, a warning says why and
+            the trained model is kept. It holds one more copy of the training data (without
+            the held-out pairs) while it runs. ``False``: predictions are FCR's own.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``strategy="ddp"``.
 
@@ -685,6 +688,14 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
                 self.fit_shrinkage(plan_kwargs=plan_kwargs, **settings, **repeated)
             except ShrinkageUnavailable as err:
                 logger.info(f"Predictions of unmeasured pairs are FCR's own: {err}")
+            except Exception as err:  # the model itself is trained: keep it, say what failed
+                warnings.warn(
+                    f"Choosing the shrinkage of unmeasured pairs failed ({type(err).__name__}: "
+                    f"{err}); their predictions are FCR's own. model.fit_shrinkage() retries "
+                    "it (train(shrinkage=False) skips it).",
+                    UserWarning,
+                    stacklevel=2,
+                )
         return result
 
     def fit_shrinkage(

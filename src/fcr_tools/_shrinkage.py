@@ -178,8 +178,12 @@ def fit_shrinkage(
         shrinkage=False,
         **{"enable_progress_bar": False, **train_kwargs},
     )
+    # the held-out cells and the controls of their contexts are all the scoring needs
+    is_control = treatments == setup.control_treatment
+    keep = held | (is_control & np.isin(contexts, [context for context, _ in pairs]))
+    scored = plain_copy(adata[keep])
     groups = group_means(
-        second, additive_baseline(inner, setup), plain_copy(adata), held, setup, min_cells
+        second, additive_baseline(inner, setup), scored, held[keep], setup, min_cells
     )
     means = additive._means
     return {
