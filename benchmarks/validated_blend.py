@@ -30,6 +30,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -39,7 +40,14 @@ from expression_abduction import EXTRA
 from realdata import TASKS
 
 from fcr_tools._registration import RegisteredSetup
-from fcr_tools._shrinkage import group_means, least_squares_weight, saved_additive
+from fcr_tools._shrinkage import (
+    group_means,
+    held_out_groups,
+    internal_pairs,
+    least_squares_sums,
+    least_squares_weight,
+    saved_additive,
+)
 from fcr_tools.metrics import score_heldout_groups
 
 SCORES = ["r2_all", "r2_deg20", "pearson_delta_deg20"]
@@ -63,7 +71,9 @@ class Weighted:
             self.model.shrinkage_ = record
 
 
-def run(name: str, seed: int, epochs: int | None = None) -> tuple[pd.DataFrame, dict]:
+def run(
+    name: str, seed: int, epochs: int | None = None, extra_folds: int = 0
+) -> tuple[pd.DataFrame, dict]:
     adata, setup, default_epochs = TASKS[name]() if name in TASKS else EXTRA[name](seed)
     epochs = epochs or default_epochs
     tk, ck, dk = setup["treatment_key"], setup["covariate_keys"], setup.get("dose_key")
@@ -85,6 +95,21 @@ def run(name: str, seed: int, epochs: int | None = None) -> tuple[pd.DataFrame, 
         "blend (w=0.5)": Weighted(model, 0.5),
         "blend (oracle w)": Weighted(model, oracle),
     }
+    pooled = None
+    if extra_folds:  # experiment: more held-out pairs, one more second training per fold
+        sums, used = list(record["sums"]), [tuple(p) for p in record["pairs"]]
+        train_contexts = additive._means.context_labels(model.adata)
+        train_treatments = model.adata.obs[tk].astype(str).to_numpy()
+        for fold in range(extra_folds):
+            rng = np.random.default_rng(seed + 1000 * (fold + 1))
+            pairs = internal_pairs(train_contexts, train_treatments, control, rng, used)
+            if not pairs:
+                break
+            groups = held_out_groups(model, pairs, epochs, seed, enable_progress_bar=False)
+            num, den = least_squares_sums(groups)
+            sums, used = [sums[0] + num, sums[1] + den], used + pairs
+        pooled = least_squares_weight(sums=sums)
+        predictors[f"FCR shrunk ({extra_folds + 1}-fold w)"] = Weighted(model, pooled)
     table = score_heldout_groups(predictors, adata, tk, ck, control_treatment=control, dose_key=dk)
     per_seed = table.groupby("method", sort=False)[SCORES].mean().reset_index()
     per_seed["task"], per_seed["seed"] = name, seed
@@ -94,6 +119,7 @@ def run(name: str, seed: int, epochs: int | None = None) -> tuple[pd.DataFrame, 
         "internal_pairs": record["pairs"],
         "validated_w": round(record["weight"], 4),
         "oracle_w": round(oracle, 4),
+        "pooled_w": None if pooled is None else round(pooled, 4),
         "train_seconds_both": round(seconds, 1),
     }
     print(per_seed.round(3).to_string(), info, flush=True)
@@ -115,6 +141,13 @@ def main(argv=None):
     parser.add_argument("--name", default="validated_blend")
     parser.add_argument("--epochs", type=int, help="override the tasks' epochs (smoke test)")
     parser.add_argument("--combine", nargs="+", help="merge the per-seed rows of these runs")
+    parser.add_argument(
+        "--extra-folds",
+        type=int,
+        default=0,
+        help="experiment: hold out more measured pairs in N more second trainings and pool "
+        "them for the weight (row 'FCR shrunk (K-fold w)')",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread per process; run seeds side by side
     if args.combine:
@@ -130,11 +163,12 @@ def main(argv=None):
         + " --seeds "
         + " ".join(map(str, args.seeds))
         + f" --name {args.name}"
+        + (f" --extra-folds {args.extra_folds}" if args.extra_folds else "")
     )
     results = []
     for seed in args.seeds:
         for task in args.tasks:
-            results.append(run(task, seed, args.epochs))
+            results.append(run(task, seed, args.epochs, args.extra_folds))
             rows = pd.concat([r for r, _ in results], ignore_index=True)
             _write(args.name, command, rows, pd.DataFrame([i for _, i in results]))
 

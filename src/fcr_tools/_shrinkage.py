@@ -30,12 +30,14 @@ class ShrinkageUnavailable(ValueError):
     """The weight cannot be chosen on this model or data (the message says why)."""
 
 
-def internal_pairs(contexts, treatments, control: str, rng) -> list[tuple[str, str]]:
+def internal_pairs(contexts, treatments, control: str, rng, exclude=()) -> list[tuple[str, str]]:
     """Measured treated pairs whose treatment (each part of an ``"A+B"``) is measured
-    elsewhere: ``max(1, n // 5)`` of the ``n`` such pairs, at most one per treatment."""
+    elsewhere: ``max(1, n // 5)`` of the ``n`` such pairs, at most one per treatment (none of
+    ``exclude``, e.g. pairs another fold held out)."""
     treated = treatments != control
     candidates = []
     pairs = set(zip(contexts[treated], treatments[treated], strict=True))
+    pairs -= {tuple(p) for p in exclude}
     for context, treatment in sorted(pairs):
         elsewhere = set(treatments[~((contexts == context) & (treatments == treatment))])
         if all(part in elsewhere for part in treatment.split("+")):
@@ -86,10 +88,17 @@ def group_means(model, additive, adata, held, setup: RegisteredSetup, min_cells:
     return groups
 
 
-def least_squares_weight(groups) -> float:
-    """The ``w`` in [0, 1] minimising the squared error of ``w * FCR + (1 - w) * additive``."""
+def least_squares_sums(groups) -> tuple[float, float]:
+    """Numerator and denominator of the least-squares weight of ``groups``."""
     num = sum(float(((y - b) * (a - b)).sum()) for y, (a, b) in groups)
     den = sum(float(((a - b) ** 2).sum()) for _, (a, b) in groups)
+    return num, den
+
+
+def least_squares_weight(groups=None, sums=None) -> float:
+    """The ``w`` in [0, 1] minimising the squared error of ``w * FCR + (1 - w) * additive``
+    over ``groups`` (or from their :func:`least_squares_sums`, e.g. pooled over folds)."""
+    num, den = least_squares_sums(groups) if sums is None else sums
     return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 1.0
 
 
@@ -148,7 +157,7 @@ def fit_shrinkage(
     seed = settings.seed if seed is None else seed
     rng = np.random.default_rng(0 if seed is None else seed)
     additive = additive_baseline(adata, setup)
-    keys, contexts, _ = _group_keys(adata, additive, setup)
+    _, contexts, _ = _group_keys(adata, additive, setup)
     treatments = adata.obs[setup.treatment_key].astype(str).to_numpy()
     pairs = internal_pairs(contexts, treatments, setup.control_treatment, rng)
     if not pairs:
@@ -156,11 +165,46 @@ def fit_shrinkage(
             "no measured (context, treatment) pair can be held out: every treatment is "
             "measured in one context only, so there is nothing to choose the weight on."
         )
+    groups = held_out_groups(
+        model, pairs, max_epochs, seed, min_cells, plan_kwargs, **train_kwargs
+    )
+    means = additive._means
+    return {
+        "weight": least_squares_weight(groups),
+        "pairs": [list(p) for p in sorted(pairs)],
+        "n_groups": len(groups),
+        # the weight's least-squares sums (numerator, denominator): pooling other folds
+        "sums": list(least_squares_sums(groups)),
+        "epochs": int(max_epochs),
+        "means_keys": [list(k) for k in means.means],
+        "means": np.stack(list(means.means.values())).astype(np.float32),
+    }
+
+
+def held_out_groups(
+    model,
+    pairs,
+    max_epochs: int,
+    seed: int | None,
+    min_cells: int = MIN_CELLS,
+    plan_kwargs: dict | None = None,
+    **train_kwargs,
+) -> list:
+    """Train a second FCR without ``pairs`` and return :func:`group_means` of their groups.
+
+    Raises :class:`ShrinkageUnavailable` (before training) when no group of ``pairs`` has
+    ``min_cells`` cells.
+    """
+    adata = model.adata
+    setup = RegisteredSetup.from_registry(model.registry_)
+    additive = additive_baseline(adata, setup)
+    keys, contexts, _ = _group_keys(adata, additive, setup)
+    treatments = adata.obs[setup.treatment_key].astype(str).to_numpy()
     held = np.zeros(adata.n_obs, dtype=bool)
     for context, treatment in pairs:
         held |= (contexts == context) & (treatments == treatment)
     sizes = np.unique(keys[held], return_counts=True)[1]
-    if sizes.max() < min_cells:
+    if not len(sizes) or sizes.max() < min_cells:
         raise ShrinkageUnavailable(
             f"the measured pairs that can be held out ({pairs}) have fewer than "
             f"min_cells={min_cells} cells per (context, treatment, dose) group."
@@ -182,18 +226,9 @@ def fit_shrinkage(
     is_control = treatments == setup.control_treatment
     keep = held | (is_control & np.isin(contexts, [context for context, _ in pairs]))
     scored = plain_copy(adata[keep])
-    groups = group_means(
+    return group_means(
         second, additive_baseline(inner, setup), scored, held[keep], setup, min_cells
     )
-    means = additive._means
-    return {
-        "weight": least_squares_weight(groups),
-        "pairs": [list(p) for p in sorted(pairs)],
-        "n_groups": len(groups),
-        "epochs": int(max_epochs),
-        "means_keys": [list(k) for k in means.means],
-        "means": np.stack(list(means.means.values())).astype(np.float32),
-    }
 
 
 def saved_additive(record: dict, setup: RegisteredSetup, var_names) -> AdditiveBaseline:
