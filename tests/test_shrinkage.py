@@ -10,7 +10,7 @@ import pytest
 import scvi
 
 from fcr_tools import FCRModel
-from fcr_tools._shrinkage import internal_pairs, least_squares_weight
+from fcr_tools._shrinkage import internal_pairs, least_squares_sums, least_squares_weight
 from fcr_tools.baselines import AdditiveBaseline
 
 HELD = ("cell_line_0", "drug_0")
@@ -48,6 +48,7 @@ def test_weight_and_pairs_recorded(_fitted):
         assert treatment != "control"
         assert (context, treatment) != HELD  # never a pair the training data lacks
     assert record["means"].shape[1] == model.summary_stats.n_vars
+    assert least_squares_weight(sums=record["sums"]) == pytest.approx(weight)
 
 
 def test_training_data_untouched(_fitted):
@@ -138,6 +139,9 @@ def test_least_squares_weight_recovers_mixture():
         a, b = rng.normal(size=50), rng.normal(size=50)
         groups.append((0.3 * a + 0.7 * b, (a, b)))
     assert least_squares_weight(groups) == pytest.approx(0.3)
+    halves = [least_squares_sums(groups[:1]), least_squares_sums(groups[1:])]
+    pooled = [halves[0][0] + halves[1][0], halves[0][1] + halves[1][1]]
+    assert least_squares_weight(sums=pooled) == pytest.approx(0.3)  # folds pool exactly
     far = [(a + 2 * (a - b), (a, b)) for _, (a, b) in groups]  # beyond FCR: clipped to 1
     assert least_squares_weight(far) == 1.0
 
@@ -149,6 +153,8 @@ def test_internal_pairs_need_the_treatment_elsewhere():
     assert len(pairs) == 1 and pairs[0][1] == "x"  # y is measured in B only
     combos = np.array(["ctl", "p", "ctl", "q", "p+q", "ctl"])
     assert internal_pairs(contexts, combos, "ctl", np.random.default_rng(0)) == [("B", "p+q")]
+    again = internal_pairs(contexts, treatments, "ctl", np.random.default_rng(0), exclude=pairs)
+    assert set(again).isdisjoint(pairs) and again  # another fold: the other "x" pair
 
 
 def test_train_chooses_the_weight_by_default(build_model):
