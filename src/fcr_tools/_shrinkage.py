@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import scvi
 from scvi import settings
 
@@ -157,7 +156,7 @@ def fit_shrinkage(
     seed = settings.seed if seed is None else seed
     rng = np.random.default_rng(0 if seed is None else seed)
     additive = additive_baseline(adata, setup)
-    _, contexts, _ = _group_keys(adata, additive, setup)
+    contexts = additive._means.context_labels(adata)
     treatments = adata.obs[setup.treatment_key].astype(str).to_numpy()
     pairs = internal_pairs(contexts, treatments, setup.control_treatment, rng)
     if not pairs:
@@ -166,7 +165,7 @@ def fit_shrinkage(
             "measured in one context only, so there is nothing to choose the weight on."
         )
     groups = held_out_groups(
-        model, pairs, max_epochs, seed, min_cells, plan_kwargs, **train_kwargs
+        model, pairs, max_epochs, seed, min_cells, plan_kwargs, additive=additive, **train_kwargs
     )
     means = additive._means
     return {
@@ -188,16 +187,20 @@ def held_out_groups(
     seed: int | None,
     min_cells: int = MIN_CELLS,
     plan_kwargs: dict | None = None,
+    *,
+    additive: AdditiveBaseline | None = None,
     **train_kwargs,
 ) -> list:
     """Train a second FCR without ``pairs`` and return :func:`group_means` of their groups.
 
+    ``additive``: the additive baseline of the model's training data, when already built.
     Raises :class:`ShrinkageUnavailable` (before training) when no group of ``pairs`` has
     ``min_cells`` cells.
     """
     adata = model.adata
     setup = RegisteredSetup.from_registry(model.registry_)
-    additive = additive_baseline(adata, setup)
+    if additive is None:
+        additive = additive_baseline(adata, setup)
     keys, contexts, _ = _group_keys(adata, additive, setup)
     treatments = adata.obs[setup.treatment_key].astype(str).to_numpy()
     held = np.zeros(adata.n_obs, dtype=bool)
@@ -233,19 +236,18 @@ def held_out_groups(
 
 def saved_additive(record: dict, setup: RegisteredSetup, var_names) -> AdditiveBaseline:
     """The additive baseline of the training data, rebuilt from a ``shrinkage_`` record."""
-    means = object.__new__(_GroupMeans)
-    means.treatment_key = setup.treatment_key
-    means.covariate_keys = list(setup.covariate_keys)
-    means.dose_key = setup.dose_key
-    means.control = setup.control_treatment
-    means.layer = setup.layer
-    means.var_names = pd.Index(setup.genes(var_names))
-    means.means = {
-        tuple(k): v for k, v in zip(map(tuple, record["means_keys"]), record["means"], strict=True)
-    }
-    baseline = object.__new__(AdditiveBaseline)
-    baseline._means = means
-    return baseline
+    means = dict(zip(map(tuple, record["means_keys"]), record["means"], strict=True))
+    return AdditiveBaseline.from_group_means(
+        _GroupMeans.from_means(
+            means,
+            setup.genes(var_names),
+            setup.treatment_key,
+            setup.covariate_keys or None,
+            setup.dose_key,
+            setup.control_treatment,
+            setup.layer,
+        )
+    )
 
 
 def shrink(additive: AdditiveBaseline, weight: float, values, contexts, targets) -> np.ndarray:

@@ -41,11 +41,7 @@ class _GroupMeans:
         control_treatment: str,
         layer: str | None,
     ):
-        self.treatment_key = treatment_key
-        self.covariate_keys = as_key_list(covariate_keys)
-        self.dose_key = dose_key
-        self.control = control_treatment
-        self.layer = layer
+        self._columns(treatment_key, covariate_keys, dose_key, control_treatment, layer)
         for key in [treatment_key, *self.covariate_keys] + ([dose_key] if dose_key else []):
             require_column(list(adata.obs.columns), key, "column")
         self.var_names = adata.var_names.copy()
@@ -65,6 +61,31 @@ class _GroupMeans:
         self.means = {uniques[i]: means[i] for i in range(len(uniques))}
         if not any(t == self.control for _, t, _ in self.means):
             raise ValueError(f"No control cells ({control_treatment!r}) in the training data.")
+
+    @classmethod
+    def from_means(
+        cls,
+        means: dict,
+        var_names,
+        treatment_key: str,
+        covariate_keys: str | Sequence[str] | None,
+        dose_key: str | None,
+        control_treatment: str,
+        layer: str | None,
+    ) -> _GroupMeans:
+        """Group means computed before: ``{(context, treatment, dose label): mean}``."""
+        self = cls.__new__(cls)
+        self._columns(treatment_key, covariate_keys, dose_key, control_treatment, layer)
+        self.var_names = pd.Index(var_names)
+        self.means = dict(means)
+        return self
+
+    def _columns(self, treatment_key, covariate_keys, dose_key, control_treatment, layer):
+        self.treatment_key = treatment_key
+        self.covariate_keys = as_key_list(covariate_keys)
+        self.dose_key = dose_key
+        self.control = control_treatment
+        self.layer = layer
 
     def context_labels(self, adata: ad.AnnData) -> np.ndarray:
         if not self.covariate_keys:
@@ -198,6 +219,13 @@ class AdditiveBaseline:
         self._means = _GroupMeans(
             adata, treatment_key, covariate_keys, dose_key, control_treatment, layer
         )
+
+    @classmethod
+    def from_group_means(cls, means: _GroupMeans) -> AdditiveBaseline:
+        """The baseline of group means computed before (e.g. saved with a model)."""
+        self = cls.__new__(cls)
+        self._means = means
+        return self
 
     def _shifts(self, treatment: str, dose: str) -> dict[str, np.ndarray]:
         m = self._means
