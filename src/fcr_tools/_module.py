@@ -432,16 +432,30 @@ class FCRModule(BaseModuleClass):
         ...     "x"
         ... ]  # doctest: +SKIP
         """
+        stacked, valid = self._stacked_permutation_logits(
+            inference_outputs, groups, n_groups, detach
+        )
+        n = valid.shape[0]
+        return {block: (both[:n], both[n:], valid) for block, both in stacked.items()}
+
+    def _stacked_permutation_logits(
+        self, inference_outputs: dict, groups, n_groups, detach: bool
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`permutation_logits` with positives and negatives in one ``(2n,)`` tensor.
+
+        Each discriminator sees its positive and negative pairs in one pass (fewer, larger
+        products than two passes; the same logits).
+        """
         z = {b: inference_outputs[f"z_{b}"] for b in ("x", "t", "tx")}
         if detach:
             z = {b: v.detach() for b, v in z.items()}
         partner, valid = within_group_derangement(groups, n_groups)
-        logits = {}
-        for block, disc in self.discriminators.items():
-            positive = disc(z[block], z["tx"])
-            negative = disc(z[block], z["tx"][partner])
-            logits[block] = (positive, negative, valid)
-        return logits
+        z_tx = torch.cat([z["tx"], z["tx"][partner]])
+        logits = {
+            block: disc(torch.cat([z[block], z[block]]), z_tx)
+            for block, disc in self.discriminators.items()
+        }
+        return logits, valid
 
     def discriminator_loss(self, inference_outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of the discriminators on detached latents, and their accuracy.
@@ -451,8 +465,10 @@ class FCRModule(BaseModuleClass):
         >>> loss, accuracy = module.discriminator_loss(out)  # doctest: +SKIP
         """
         groups, n_groups = self._groups(inference_outputs)
-        logits = self.permutation_logits(inference_outputs, groups, n_groups, detach=True)
-        return _permutation_bce(logits, fool=False)
+        logits, valid = self._stacked_permutation_logits(
+            inference_outputs, groups, n_groups, detach=True
+        )
+        return _permutation_bce(logits, valid, fool=False)
 
     @with_loss_weights
     def loss(
@@ -499,15 +515,11 @@ class FCRModule(BaseModuleClass):
         x = torch.cat([tensors[X_KEY], tensors[CONTROL_X_KEY]]) if paired else tensors[X_KEY]
 
         nll = -generative_outputs["px"].log_prob(x).sum(-1)
-        kl = sum(
-            gaussian_kl(
-                out[f"qz_{k}"].loc,
-                out[f"qz_{k}"].scale ** 2,
-                out[f"pz_{k}"].loc,
-                out[f"pz_{k}"].scale ** 2,
-            )
-            for k in ("x", "t", "tx")
-        )
+        # the three blocks side by side: one KL over all latent dimensions
+        q_mean, q_var = out["qz"].loc, out["qz"].scale ** 2
+        p_mean = torch.cat([out[f"pz_{k}"].loc for k in ("x", "t", "tx")], -1)
+        p_var = torch.cat([out[f"pz_{k}"].scale for k in ("x", "t", "tx")], -1) ** 2
+        kl = gaussian_kl(q_mean, q_var, p_mean, p_var)
         rec_cell, kl_cell = nll[:b], kl[:b]
         rec_total, kl_total = rec_cell, kl_cell  # per cell: its own terms plus its partner's
         partner_metrics = {}
@@ -527,15 +539,10 @@ class FCRModule(BaseModuleClass):
         groups, n_groups = self._groups(out) if need_groups else (None, 0)
 
         if w.aggregate_kl_weight > 0:
-            agg = 0.0
-            for k in ("x", "t", "tx"):
-                q_m, q_v = moment_matched(
-                    out[f"qz_{k}"].loc, out[f"qz_{k}"].scale ** 2, groups, n_groups
-                )
-                p_m, p_v = moment_matched(
-                    out[f"pz_{k}"].loc, out[f"pz_{k}"].scale ** 2, groups, n_groups
-                )
-                agg = agg + gaussian_kl(q_m, q_v, p_m, p_v).mean()
+            # per dimension, so all blocks at once: the sum over blocks of their group KLs
+            q_m, q_v = moment_matched(q_mean, q_var, groups, n_groups)
+            p_m, p_v = moment_matched(p_mean, p_var, groups, n_groups)
+            agg = gaussian_kl(q_m, q_v, p_m, p_v).mean()
             loss = loss + w.aggregate_kl_weight * kl_weight * agg
             metrics["aggregate_kl"] = agg.detach()
 
@@ -567,11 +574,8 @@ class FCRModule(BaseModuleClass):
             metrics["similarity"] = sim.detach()
 
         if w.adversarial_weight > 0:
-            logits = self.permutation_logits(out, groups, n_groups)
-            fool, _ = _permutation_bce(logits, fool=True)
-            _, accuracy = _permutation_bce(
-                {k: tuple(v.detach() for v in val) for k, val in logits.items()}, fool=False
-            )
+            logits, valid = self._stacked_permutation_logits(out, groups, n_groups, False)
+            fool, accuracy = _permutation_bce(logits, valid, fool=True)
             loss = loss + w.adversarial_weight * fool
             metrics["adversarial"] = fool.detach()
             metrics["discriminator_accuracy"] = accuracy
@@ -654,24 +658,27 @@ class FCRModule(BaseModuleClass):
 
 
 def _permutation_bce(
-    logits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], fool: bool
+    logits: dict[str, torch.Tensor], valid: torch.Tensor, fool: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary cross-entropy of the discriminators (positives = 1) or of fooling them (flipped).
 
-    Returns the loss summed over discriminators and the accuracy averaged over them.
+    ``logits`` holds each discriminator's positives then negatives (``(2n,)``); rows without
+    a valid partner (``valid`` False) count in neither. Returns the loss summed over
+    discriminators (each the mean of its positives' and its negatives' mean) and the accuracy
+    of telling them apart, averaged over discriminators (0.5 without any valid row), without
+    a host synchronisation.
     """
+    n = valid.shape[0]
+    weight = torch.cat([valid, valid]).to(torch.float32)
+    n_valid = valid.sum()
+    denominator = (2 * n_valid).clamp(min=1).to(torch.float32)
+    is_positive = torch.arange(2 * n, device=valid.device) < n
+    target = (~is_positive if fool else is_positive).to(torch.float32)
     total, accuracy = 0.0, 0.0
-    for positive, negative, valid in logits.values():
-        if not valid.any():
-            zero = positive.sum() * 0.0
-            total, accuracy = total + zero, accuracy + 0.5
-            continue
-        pos, neg = positive[valid], negative[valid]
-        pos_target = torch.zeros_like(pos) if fool else torch.ones_like(pos)
-        loss = F.binary_cross_entropy_with_logits(pos, pos_target)
-        loss = loss + F.binary_cross_entropy_with_logits(neg, 1 - pos_target)
-        total = total + loss / 2
-        correct = torch.cat([pos > 0, neg <= 0]).float().mean()
-        accuracy = accuracy + correct
-    n = len(logits)
-    return total, torch.as_tensor(accuracy / n).detach()
+    for both in logits.values():
+        loss = F.binary_cross_entropy_with_logits(both, target, reduction="none")
+        total = total + (loss * weight).sum() / denominator
+        correct = ((both.detach() > 0) == is_positive).to(torch.float32)
+        accuracy = accuracy + (correct * weight).sum() / denominator
+    accuracy = torch.where(n_valid > 0, accuracy / len(logits), torch.full_like(accuracy, 0.5))
+    return total, accuracy.detach()
