@@ -72,7 +72,11 @@ class Weighted:
 
 
 def run(
-    name: str, seed: int, epochs: int | None = None, extra_folds: int = 0
+    name: str,
+    seed: int,
+    epochs: int | None = None,
+    extra_folds: int = 0,
+    model_kwargs: dict | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     adata, setup, default_epochs = TASKS[name]() if name in TASKS else EXTRA[name](seed)
     epochs = epochs or default_epochs
@@ -80,18 +84,24 @@ def run(
     control = setup.get("control_treatment", "control")
     train = adata[adata.obs["split"] == "train"].copy()
     # FCR's defaults: train() ends by choosing the weight (a second training, same settings)
-    model, seconds = train_fcr(train.copy(), setup, {}, {}, epochs, seed)
+    model, seconds = train_fcr(train.copy(), setup, model_kwargs or {}, {}, epochs, seed)
     record = model.shrinkage_
     registered = RegisteredSetup.from_registry(model.registry_)
     additive = saved_additive(record, registered, model.get_var_names())
     # the ceiling: the least-squares weight on the test pairs themselves
     held = (adata.obs["split"] == "holdout").to_numpy()
     fcr = Weighted(model, None)
-    oracle = least_squares_weight(group_means(fcr, additive, adata, held, registered, 10))
+    test_groups = group_means(fcr, additive, adata, held, registered, 10)
+    oracle = least_squares_weight(test_groups)
+    # experiment: the weight chosen on each held-out group's top DEGs (same second training)
+    deg_weights = {
+        int(k): least_squares_weight(sums=sums) for k, sums in record["sums_top_degs"].items()
+    }
     predictors = {
         "FCR": fcr,
         "additive": additive,
         "FCR shrunk (validated w)": model,
+        **{f"FCR shrunk (w on top-{k} DEGs)": Weighted(model, w) for k, w in deg_weights.items()},
         "blend (w=0.5)": Weighted(model, 0.5),
         "blend (oracle w)": Weighted(model, oracle),
     }
@@ -119,6 +129,8 @@ def run(
         "internal_pairs": record["pairs"],
         "validated_w": round(record["weight"], 4),
         "oracle_w": round(oracle, 4),
+        **{f"top{k}_deg_w": round(w, 4) for k, w in deg_weights.items()},
+        "oracle_top20_deg_w": round(least_squares_weight(test_groups, n_degs=20), 4),
         "pooled_w": None if pooled is None else round(pooled, 4),
         "train_seconds_both": round(seconds, 1),
     }
@@ -148,6 +160,12 @@ def main(argv=None):
         help="experiment: hold out more measured pairs in N more second trainings and pool "
         "them for the weight (row 'FCR shrunk (K-fold w)')",
     )
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="experiment: FCRModel arguments other than the defaults, as JSON",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread per process; run seeds side by side
     if args.combine:
@@ -164,11 +182,12 @@ def main(argv=None):
         + " ".join(map(str, args.seeds))
         + f" --name {args.name}"
         + (f" --extra-folds {args.extra_folds}" if args.extra_folds else "")
+        + (f" --model-kwargs '{json.dumps(args.model_kwargs)}'" if args.model_kwargs else "")
     )
     results = []
     for seed in args.seeds:
         for task in args.tasks:
-            results.append(run(task, seed, args.epochs, args.extra_folds))
+            results.append(run(task, seed, args.epochs, args.extra_folds, args.model_kwargs))
             rows = pd.concat([r for r, _ in results], ignore_index=True)
             _write(args.name, command, rows, pd.DataFrame([i for _, i in results]))
 

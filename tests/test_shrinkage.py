@@ -10,7 +10,12 @@ import pytest
 import scvi
 
 from fcr_tools import FCRModel
-from fcr_tools._shrinkage import internal_pairs, least_squares_sums, least_squares_weight
+from fcr_tools._shrinkage import (
+    HeldOutGroup,
+    internal_pairs,
+    least_squares_sums,
+    least_squares_weight,
+)
 from fcr_tools.baselines import AdditiveBaseline
 
 HELD = ("cell_line_0", "drug_0")
@@ -49,6 +54,7 @@ def test_weight_and_pairs_recorded(_fitted):
         assert (context, treatment) != HELD  # never a pair the training data lacks
     assert record["means"].shape[1] == model.summary_stats.n_vars
     assert least_squares_weight(sums=record["sums"]) == pytest.approx(weight)
+    assert set(record["sums_top_degs"]) == {20, 50}  # the top-DEG criteria, recorded
 
 
 def test_training_data_untouched(_fitted):
@@ -137,13 +143,26 @@ def test_least_squares_weight_recovers_mixture():
     groups = []
     for _ in range(3):
         a, b = rng.normal(size=50), rng.normal(size=50)
-        groups.append((0.3 * a + 0.7 * b, (a, b)))
+        groups.append(HeldOutGroup(0.3 * a + 0.7 * b, a, b, rng.permutation(50)))
     assert least_squares_weight(groups) == pytest.approx(0.3)
     halves = [least_squares_sums(groups[:1]), least_squares_sums(groups[1:])]
     pooled = [halves[0][0] + halves[1][0], halves[0][1] + halves[1][1]]
     assert least_squares_weight(sums=pooled) == pytest.approx(0.3)  # folds pool exactly
-    far = [(a + 2 * (a - b), (a, b)) for _, (a, b) in groups]  # beyond FCR: clipped to 1
-    assert least_squares_weight(far) == 1.0
+    far = [g._replace(truth=g.fcr + 2 * (g.fcr - g.additive)) for g in groups]
+    assert least_squares_weight(far) == 1.0  # beyond FCR: clipped to 1
+
+
+def test_least_squares_weight_on_top_degs_uses_those_genes_only():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=40), rng.normal(size=40)
+    truth = a.copy()  # FCR exact on the first ten genes ranked ...
+    degs = rng.permutation(40)
+    truth[degs[10:]] = b[degs[10:]]  # ... the additive baseline on the others
+    group = HeldOutGroup(truth, a, b, degs)
+    assert least_squares_weight([group], n_degs=10) == pytest.approx(1.0)
+    assert 0.0 < least_squares_weight([group]) < 0.5
+    sums = least_squares_sums([group], n_degs=10)
+    assert least_squares_weight(sums=sums) == pytest.approx(1.0)
 
 
 def test_internal_pairs_need_the_treatment_elsewhere():

@@ -720,8 +720,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         whose (context, target treatment, dose) was not measured in training, and FCR's own
         prediction for the rest. ``w`` near 1 says FCR's interactions transfer to unmeasured
         pairs; near 0, that composing the main effects additively predicts them better. The
-        weight, the pairs and the training data's group means are kept in ``shrinkage_``
-        and saved with the model.
+        weight, the pairs, its least-squares sums (``"sums"``; ``"sums_top_degs"``: the
+        same on each held-out group's top 20 / 50 DEGs only, an alternative measured and not
+        chosen, see the benchmarks page) and the training data's group means are kept in
+        ``shrinkage_`` and saved with the model.
 
         Parameters
         ----------

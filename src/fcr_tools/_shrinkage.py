@@ -12,6 +12,8 @@ chosen on, and the training data's group means that the additive baseline needs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import anndata as ad
 import numpy as np
 import scvi
@@ -20,9 +22,20 @@ from scvi import settings
 from ._backed import is_store
 from ._registration import RegisteredSetup
 from .baselines import AdditiveBaseline, _dose_label, _GroupMeans
-from .metrics._response import _dense
+from .metrics._response import _dense, top_degs
 
 MIN_CELLS = 10  # smallest held-out group the weight is chosen on
+N_RANKED_DEGS = 50  # genes ranked per held-out group (criteria on its top DEGs)
+TOP_DEG_CRITERIA = (20, 50)  # the top-DEG weights recorded next to the default's
+
+
+class HeldOutGroup(NamedTuple):
+    """One held-out (context, treatment, dose) group: true and predicted mean expression."""
+
+    truth: np.ndarray
+    fcr: np.ndarray
+    additive: np.ndarray
+    degs: np.ndarray | None = None  # its genes ranked by |Welch t| against the controls
 
 
 class ShrinkageUnavailable(ValueError):
@@ -78,26 +91,36 @@ def group_means(model, additive, adata, held, setup: RegisteredSetup, min_cells:
             continue
         controls = adata[(contexts == context) & is_control & ~held]
         dose = doses[rows[0]]
-        truth = _dense(adata[rows].X if setup.layer is None else adata[rows].layers[setup.layer])
-        preds = [
+        truth = _expression(adata[rows], setup)
+        degs = top_degs(truth, _expression(controls, setup), N_RANKED_DEGS)
+        fcr, add = (
             _dense(p.predict_counterfactual(controls, treatment=treatment, dose=dose).X).mean(0)
             for p in (model, additive)
-        ]
-        groups.append((truth.mean(0), preds))
+        )
+        groups.append(HeldOutGroup(truth.mean(0), fcr, add, degs))
     return groups
 
 
-def least_squares_sums(groups) -> tuple[float, float]:
-    """Numerator and denominator of the least-squares weight of ``groups``."""
-    num = sum(float(((y - b) * (a - b)).sum()) for y, (a, b) in groups)
-    den = sum(float(((a - b) ** 2).sum()) for _, (a, b) in groups)
+def _expression(adata, setup: RegisteredSetup) -> np.ndarray:
+    return _dense(adata.X if setup.layer is None else adata.layers[setup.layer])
+
+
+def least_squares_sums(groups, n_degs: int | None = None) -> tuple[float, float]:
+    """Numerator and denominator of the least-squares weight of ``groups`` (all genes, or
+    each group's top ``n_degs`` DEGs)."""
+    num = den = 0.0
+    for group in groups:
+        genes = slice(None) if n_degs is None else group.degs[:n_degs]
+        y, a, b = group.truth[genes], group.fcr[genes], group.additive[genes]
+        num += float(((y - b) * (a - b)).sum())
+        den += float(((a - b) ** 2).sum())
     return num, den
 
 
-def least_squares_weight(groups=None, sums=None) -> float:
+def least_squares_weight(groups=None, sums=None, n_degs: int | None = None) -> float:
     """The ``w`` in [0, 1] minimising the squared error of ``w * FCR + (1 - w) * additive``
     over ``groups`` (or from their :func:`least_squares_sums`, e.g. pooled over folds)."""
-    num, den = least_squares_sums(groups) if sums is None else sums
+    num, den = least_squares_sums(groups, n_degs) if sums is None else sums
     return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 1.0
 
 
@@ -174,6 +197,8 @@ def fit_shrinkage(
         "n_groups": len(groups),
         # the weight's least-squares sums (numerator, denominator): pooling other folds
         "sums": list(least_squares_sums(groups)),
+        # experiment: the sums on each held-out group's top DEGs only
+        "sums_top_degs": {k: list(least_squares_sums(groups, k)) for k in TOP_DEG_CRITERIA},
         "epochs": int(max_epochs),
         "means_keys": [list(k) for k in means.means],
         "means": np.stack(list(means.means.values())).astype(np.float32),
