@@ -5,7 +5,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 from torch.nn import functional as F
 
-from fcr_tools._module import FCRModule, gaussian_kl
+from fcr_tools._module import FCRModule, _permutation_bce, gaussian_kl
 from fcr_tools._objective import LOSS_TERMS
 from fcr_tools._pairing import FCRDataLoader
 
@@ -361,3 +361,28 @@ def test_counterfactual_rejects_unknown_mode(cf_setup):
     module, batch = cf_setup
     with pytest.raises(ValueError, match="'posterior'"):
         module.counterfactual(batch, *_own_treatment(batch), mode="posterior")
+
+
+@pytest.mark.parametrize("fool", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_permutation_bce_is_the_mean_of_positives_and_negatives_over_valid_rows(fool, dtype):
+    gen = torch.Generator().manual_seed(0)
+    valid = torch.tensor([True, False, True, True, False, True])
+    logits = {b: torch.randn(12, generator=gen, dtype=dtype) for b in ("x", "t")}
+    loss, accuracy = _permutation_bce(logits, valid, fool=fool)
+    expected_loss, expected_accuracy = 0.0, 0.0
+    for both in logits.values():
+        pos, neg = both[:6][valid], both[6:][valid]
+        target = 0.0 if fool else 1.0
+        bce = F.binary_cross_entropy_with_logits
+        expected_loss += (
+            bce(pos, torch.full_like(pos, target)) + bce(neg, torch.full_like(neg, 1 - target))
+        ) / 2
+        expected_accuracy += torch.cat([pos > 0, neg <= 0]).double().mean() / 2
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss, expected_loss)
+    assert float(accuracy) == pytest.approx(float(expected_accuracy))
+    # no row with a partner: no loss, chance accuracy
+    none = torch.zeros(6, dtype=torch.bool)
+    loss, accuracy = _permutation_bce(logits, none, fool=fool)
+    assert float(loss) == 0.0 and float(accuracy) == 0.5

@@ -669,16 +669,17 @@ def _permutation_bce(
     a host synchronisation.
     """
     n = valid.shape[0]
-    weight = torch.cat([valid, valid]).to(torch.float32)
+    dtype = next(iter(logits.values())).dtype  # the logits' (float64 or half models too)
+    weight = torch.cat([valid, valid]).to(dtype)
     n_valid = valid.sum()
-    denominator = (2 * n_valid).clamp(min=1).to(torch.float32)
+    denominator = (2 * n_valid).clamp(min=1).to(dtype)
     is_positive = torch.arange(2 * n, device=valid.device) < n
-    target = (~is_positive if fool else is_positive).to(torch.float32)
+    target = (~is_positive if fool else is_positive).to(dtype)
     total, accuracy = 0.0, 0.0
     for both in logits.values():
         loss = F.binary_cross_entropy_with_logits(both, target, reduction="none")
         total = total + (loss * weight).sum() / denominator
-        correct = ((both.detach() > 0) == is_positive).to(torch.float32)
+        correct = ((both.detach() > 0) == is_positive).to(dtype)
         accuracy = accuracy + (correct * weight).sum() / denominator
     accuracy = torch.where(n_valid > 0, accuracy / len(logits), torch.full_like(accuracy, 0.5))
     return total, accuracy.detach()
