@@ -191,12 +191,13 @@ def fit_shrinkage(
         model, pairs, max_epochs, seed, min_cells, plan_kwargs, additive=additive, **train_kwargs
     )
     means = additive._means
+    # the weight's least-squares sums (numerator, denominator): pooling other folds
+    sums = least_squares_sums(groups)
     return {
-        "weight": least_squares_weight(groups),
+        "weight": least_squares_weight(sums=sums),
         "pairs": [list(p) for p in sorted(pairs)],
         "n_groups": len(groups),
-        # the weight's least-squares sums (numerator, denominator): pooling other folds
-        "sums": list(least_squares_sums(groups)),
+        "sums": list(sums),
         # experiment: the sums on each held-out group's top DEGs only
         "sums_top_degs": {k: list(least_squares_sums(groups, k)) for k in TOP_DEG_CRITERIA},
         "epochs": int(max_epochs),
