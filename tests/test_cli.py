@@ -36,11 +36,12 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     umaps = ["X_umap_fcr_x", "X_umap_fcr_t", "X_umap_fcr_tx"]
     assert report["latents"]["umap_obsm_keys"] == umaps
     assert set(umaps) <= set(ad.read_h5ad(out / "latents.h5ad").obsm)
-    methods = {"FCR", "FCR without shrinkage", "additive", "control_mean"}
+    methods = {"FCR", "FCR without shrinkage", "additive", "context-adjusted", "control_mean"}
     assert set(report["counterfactuals"]["mean_scores"]) == methods
     w = report["training"]["shrinkage_weight"]  # the quick screen has groups of 40 cells
     assert 0.0 <= w <= 1.0 and report["training"]["shrinkage_pairs"]
-    assert "x FCR +" in (out / "report.md").read_text()
+    assert "x FCR + " in (out / "report.md").read_text()
+    assert "x context-adjusted baseline" in (out / "report.md").read_text()
     assert report["data"]["n_heldout_groups_scored"] > 0
     assert "R2 top-20 DEGs" in capsys.readouterr().out
     assert "Counterfactual prediction of held-out pairs" in (out / "report.md").read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fcr_tools.baselines import AdditiveBaseline, ControlMeanBaseline
+from fcr_tools.baselines import AdditiveBaseline, ContextAdjustedBaseline, ControlMeanBaseline
 from fcr_tools.metrics import (
     block_r2,
     cluster_scores,
@@ -86,6 +86,61 @@ def test_additive_baseline_sums_the_parts_of_an_unmeasured_combination():
     np.testing.assert_allclose(pred.X[0], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="'A\\+C'"):
         additive.predict_counterfactual(train[:3].copy(), treatment="A+C")
+
+
+def _converging_screen(slope: float, measured: dict[str, list[str]], seed: int = 0):
+    """Contexts whose controls differ; each treatment moves a context by a common shift plus
+    ``slope`` times its controls' difference from the mean of all contexts' controls."""
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    contexts = sorted(measured)
+    base = {c: rng.normal(size=30) for c in contexts}
+    centre = np.mean(list(base.values()), axis=0)
+    shift = {"A": rng.normal(size=30), "B": rng.normal(size=30)}
+    rows, labels = [], []
+    for c in contexts:
+        for treatment in ["control", *measured[c]]:
+            mean = base[c]
+            if treatment != "control":
+                mean = base[c] + shift[treatment] + slope * (base[c] - centre)
+            rows.append(mean + 1e-3 * rng.normal(size=(10, 30)))
+            labels += [(c, treatment)] * 10
+    obs = pd.DataFrame(labels, columns=["line", "drug"])
+    truth = {c: {t: base[c] + shift[t] + slope * (base[c] - centre) for t in shift} for c in base}
+    return ad.AnnData(np.concatenate(rows).astype(np.float32), obs=obs), truth
+
+
+def test_context_adjusted_baseline_learns_the_slope_and_predicts_unmeasured_pairs():
+    measured = {"c0": ["A", "B"], "c1": ["A", "B"], "c2": ["A", "B"], "c3": ["B"]}
+    train, truth = _converging_screen(-0.5, measured)
+    adjusted = ContextAdjustedBaseline(train, "drug", "line")
+    additive = AdditiveBaseline(train, "drug", "line")
+    # every context's shift predicted from the others': the misses are the slope times the
+    # control differences, so leaving one context out recovers it
+    assert adjusted.slope == pytest.approx(-0.5, abs=0.01)
+    cells = train[(train.obs["line"] == "c3") & (train.obs["drug"] == "control")].copy()
+    pred = adjusted.predict_counterfactual(cells, treatment="A")
+    np.testing.assert_allclose(pred.X[0], truth["c3"]["A"], atol=0.02)
+    miss = np.abs(additive.predict_counterfactual(cells, treatment="A").X[0] - truth["c3"]["A"])
+    assert miss.max() > 0.2  # the additive baseline misses the context's own start
+
+
+def test_context_adjusted_baseline_is_additive_without_a_slope_to_learn():
+    # each treatment in one context only: nothing to leave out, slope 0
+    train, _ = _converging_screen(-0.5, {"c0": ["A"], "c1": ["B"], "c2": []})
+    adjusted = ContextAdjustedBaseline(train, "drug", "line")
+    assert adjusted.slope == 0.0
+    cells = train[train.obs["drug"] == "control"].copy()
+    for treatment in ["A", "B"]:
+        np.testing.assert_array_equal(
+            adjusted.predict_counterfactual(cells, treatment=treatment).X,
+            AdditiveBaseline(train, "drug", "line").predict_counterfactual(cells, treatment).X,
+        )
+    # a slope beyond [-1, 1] (shifts growing with the controls' difference) is clipped
+    steep, _ = _converging_screen(3.0, {c: ["A", "B"] for c in ["c0", "c1", "c2"]})
+    assert ContextAdjustedBaseline(steep, "drug", "line").slope == 1.0
 
 
 def test_score_heldout_groups_is_tidy(make_screen):

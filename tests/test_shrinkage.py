@@ -1,5 +1,6 @@
-"""FCRModel.fit_shrinkage / train(shrinkage=True): unmeasured pairs shrunk towards the additive
-baseline by a weight chosen on measured pairs held out inside the training data."""
+"""FCRModel.fit_shrinkage / train(shrinkage=True): unmeasured pairs shrunk towards the
+context-adjusted additive baseline by a weight chosen on measured pairs held out inside the
+training data."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fcr_tools._shrinkage import (
     least_squares_sums,
     least_squares_weight,
 )
-from fcr_tools.baselines import AdditiveBaseline
+from fcr_tools.baselines import AdditiveBaseline, ContextAdjustedBaseline
 
 HELD = ("cell_line_0", "drug_0")
 
@@ -55,6 +56,10 @@ def test_weight_and_pairs_recorded(_fitted):
     assert record["means"].shape[1] == model.summary_stats.n_vars
     assert least_squares_weight(sums=record["sums"]) == pytest.approx(weight)
     assert set(record["sums_top_degs"]) == {20, 50}  # the top-DEG criteria, recorded
+    assert record["target"] == "context_adjusted"
+    _, train, _, _, _ = _fitted
+    expected = ContextAdjustedBaseline(train, "drug", "cell_line", dose_key="dose").slope
+    assert record["slope"] == pytest.approx(expected) and -1.0 <= record["slope"] <= 1.0
 
 
 def test_training_data_untouched(_fitted):
@@ -71,12 +76,36 @@ def test_unmeasured_pair_is_blended(_fitted, snapshot):
     pred = model.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
     check(controls)
     fcr = _fcr_alone(model, controls, treatment=HELD[1], dose=1.0)
-    additive = AdditiveBaseline(train, "drug", "cell_line", dose_key="dose")
-    add = additive.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
-    expected = w * np.asarray(fcr.X, dtype=np.float64) + (1 - w) * np.asarray(add.X)
+    target = ContextAdjustedBaseline(train, "drug", "cell_line", dose_key="dose")
+    base = target.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
+    expected = w * np.asarray(fcr.X, dtype=np.float64) + (1 - w) * np.asarray(base.X)
     np.testing.assert_allclose(pred.X, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(pred.obs["shrinkage_weight"], w)
     assert pred.obs["drug"].astype(str).eq(HELD[1]).all()
+
+
+def test_a_record_without_target_shrinks_towards_the_plain_additive_baseline(_fitted):
+    """Models saved before the context adjustment keep the baseline their weight was chosen
+    against. With w = 0 the prediction is the baseline itself."""
+    full, train, model, _, _ = _fitted
+    controls = full[(full.obs["cell_line"] == HELD[0]) & (full.obs["drug"] == "control")].copy()
+    record = model.shrinkage_
+    old = {k: v for k, v in record.items() if k not in ("target", "slope")}
+    keys = ("drug", "cell_line")
+    predictions = []
+    try:
+        for shrunk, baseline in [
+            ({**old, "weight": 0.0}, AdditiveBaseline(train, *keys, dose_key="dose")),
+            ({**record, "weight": 0.0}, ContextAdjustedBaseline(train, *keys, dose_key="dose")),
+        ]:
+            model.shrinkage_ = shrunk
+            pred = model.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
+            expected = baseline.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
+            np.testing.assert_allclose(pred.X, expected.X, rtol=1e-5, atol=1e-5)
+            predictions.append(pred.X)
+    finally:
+        model.shrinkage_ = record  # the fixture is shared
+    assert np.abs(predictions[0] - predictions[1]).max() > 1e-3  # the two baselines differ
 
 
 def test_measured_pair_and_control_are_fcr(_fitted):
@@ -123,7 +152,8 @@ def test_saved_and_loaded_with_the_weight(_fitted, tmp_path):
         FCRModel.load(str(tmp_path / "m")),  # without data: the means come with the model
     ):
         assert loaded.shrinkage_["weight"] == w
-        assert loaded.fcr_version_["model_format"] == "1.3"
+        assert loaded.fcr_version_["model_format"] == "1.4"
+        assert loaded.shrinkage_["target"] == "context_adjusted"
         pred = loaded.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
         np.testing.assert_allclose(pred.X, expected.X, rtol=1e-5, atol=1e-6)
 
@@ -148,7 +178,7 @@ def test_least_squares_weight_recovers_mixture():
     halves = [least_squares_sums(groups[:1]), least_squares_sums(groups[1:])]
     pooled = [halves[0][0] + halves[1][0], halves[0][1] + halves[1][1]]
     assert least_squares_weight(sums=pooled) == pytest.approx(0.3)  # folds pool exactly
-    far = [g._replace(truth=g.fcr + 2 * (g.fcr - g.additive)) for g in groups]
+    far = [g._replace(truth=g.fcr + 2 * (g.fcr - g.baseline)) for g in groups]
     assert least_squares_weight(far) == 1.0  # beyond FCR: clipped to 1
 
 

@@ -77,7 +77,7 @@ from ._scvi_compat import (
     setup_method_name,
 )
 from ._shrinkage import MIN_CELLS as SHRINKAGE_MIN_CELLS
-from ._shrinkage import ShrinkageUnavailable, fit_shrinkage, saved_additive, shrink
+from ._shrinkage import ShrinkageUnavailable, fit_shrinkage, saved_target, shrink, target_name
 from ._training_plan import FCRTrainingPlan
 from ._treatments import TreatmentEncoder
 from ._validation import as_key_list, check_expression, check_setup_columns, layer_names
@@ -275,7 +275,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         )
         self.fcr_version_ = version_info()
         self.init_params_ = self._get_init_params(locals())
-        # how far predictions of unmeasured pairs shrink towards the additive baseline
+        # how far predictions of unmeasured pairs shrink towards a baseline
         # (set by train / fit_shrinkage; saved with the model)
         self.shrinkage_ = None
 
@@ -637,7 +637,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             Arguments of the data splitter, e.g. ``{"external_indexing": [train, val, test]}``.
         shrinkage
             Then choose how far predictions of (context, treatment) pairs never measured shrink
-            towards the additive baseline (:meth:`fit_shrinkage`: a second training, on the
+            towards the context-adjusted additive baseline (:meth:`fit_shrinkage`: a second
+            training, on the
             data without some measured pairs, so training takes about twice as long). It is
             skipped, with a log message, where it cannot be chosen (data too small, every
             treatment measured in one context only, MuData, an on-disk store, the negative
@@ -706,24 +707,28 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         plan_kwargs: dict | None = None,
         **train_kwargs,
     ) -> float:
-        """Choose how far predictions of unmeasured pairs shrink towards the additive baseline.
+        """Choose how far predictions of unmeasured pairs shrink towards a baseline.
 
         :meth:`train` calls this at its end (``shrinkage=True``, the default). Some measured
         (context, treatment) pairs of the training data are held out again: ``max(1, n // 5)``
         of the ``n`` treated pairs whose treatment (or each part of a combination ``"A+B"``)
         is measured in another pair, at most one per treatment, drawn with ``seed``. A second
         FCR with this model's settings is trained without them, and the weight ``w`` is the
-        least-squares weight of ``w * FCR + (1 - w) * additive`` on their group means (all
-        genes, clipped to [0, 1]), the additive baseline being
-        :class:`~fcr_tools.baselines.AdditiveBaseline` of the training data. From then on
+        least-squares weight of ``w * FCR + (1 - w) * baseline`` on their group means (all
+        genes, clipped to [0, 1]), the baseline being
+        :class:`~fcr_tools.baselines.ContextAdjustedBaseline` of the training data (the
+        additive baseline adjusted for where a context's controls start; for the held-out
+        pairs, that of the training data without them). From then on
         :meth:`predict_counterfactual` and :meth:`predict_grid` return that blend for cells
         whose (context, target treatment, dose) was not measured in training, and FCR's own
         prediction for the rest. ``w`` near 1 says FCR's interactions transfer to unmeasured
         pairs; near 0, that composing the main effects additively predicts them better. The
-        weight, the pairs, its least-squares sums (``"sums"``; ``"sums_top_degs"``: the
-        same on each held-out group's top 20 / 50 DEGs only, an alternative measured and not
-        chosen, see the benchmarks page) and the training data's group means are kept in
-        ``shrinkage_`` and saved with the model.
+        weight, the pairs, the baseline's kind (``"target"``) and slope, the weight's
+        least-squares sums (``"sums"``; ``"sums_top_degs"``: the same on each held-out group's
+        top 20 / 50 DEGs only, an alternative measured and not chosen, see the benchmarks
+        page) and the training data's group means are kept in ``shrinkage_`` and saved with
+        the model. Models saved before the context adjustment keep the plain additive
+        baseline they chose their weight against.
 
         Parameters
         ----------
@@ -762,7 +767,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         self.shrinkage_ = record
         logger.info(
             f"Predictions of unmeasured pairs: {record['weight']:.2f} x FCR + "
-            f"{1 - record['weight']:.2f} x additive (chosen on held-out pairs {record['pairs']})."
+            f"{1 - record['weight']:.2f} x {target_name(record)} (chosen on held-out pairs "
+            f"{record['pairs']})."
         )
         return record["weight"]
 
@@ -1412,13 +1418,13 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         return result
 
     def _shrinkage_baseline(self):
-        """``(additive baseline, weight)`` of the chosen shrinkage, or ``None``."""
+        """``(baseline, weight)`` of the chosen shrinkage, or ``None``."""
         record = self.shrinkage_
         if not record:
             return None
         cached = getattr(self, "_shrinkage_cache", None)
         if cached is None or cached[0] is not record:
-            cached = (record, saved_additive(record, self._setup, self.get_var_names()))
+            cached = (record, saved_target(record, self._setup, self.get_var_names()))
             self._shrinkage_cache = cached
         return cached[1], float(record["weight"])
 

@@ -38,7 +38,11 @@ from ._scvi_compat import (
 # 1.3: the model keeps the shrinkage weight of unmeasured pairs and the training data's group
 # means (shrinkage_, from FCRModel.fit_shrinkage); models saved before it predict with FCR alone,
 # and a 1.2 reader, which would ignore the weight, refuses 1.3 models.
-MODEL_FORMAT = (1, 3)
+# 1.4: the shrinkage record names the baseline it shrinks towards ("target"; new models: the
+# context-adjusted additive baseline); records without it shrink towards the plain additive
+# baseline, as they were chosen, and a 1.3 reader, which would do so for every record, refuses
+# 1.4 models.
+MODEL_FORMAT = (1, 4)
 # the libraries whose versions decide whether a saved model.pt can be unpickled
 LIBRARIES = ("torch", "pandas", "numpy", "scvi-tools", "anndata")
 # the format of models saved before formats were recorded

@@ -1,13 +1,17 @@
-"""Predictions of unmeasured (context, treatment) pairs shrunk towards the additive baseline.
+"""Predictions of unmeasured (context, treatment) pairs shrunk towards a baseline.
 
-FCR predicts a pair never measured from its latent interaction; the additive baseline
-composes the context's control mean with the treatment's mean shift in other contexts. Which
-transfers better differs between screens, so the model chooses, from its training data alone,
-the weight ``w`` of ``w * FCR + (1 - w) * additive``: some measured pairs are held out again, a
-second FCR with the same settings is trained without them, and ``w`` is the least-squares
-weight of its and the additive baseline's predicted means of those pairs. The record
-(``FCRModel.shrinkage_``) is a plain dict, saved with the model: the weight, the pairs it was
-chosen on, and the training data's group means that the additive baseline needs.
+FCR predicts a pair never measured from its latent interaction; the baseline, the
+context-adjusted additive one (:class:`~fcr_tools.baselines.ContextAdjustedBaseline`),
+composes the context's control mean with the treatment's mean shift in other contexts,
+adjusted for where the context's controls start. Which transfers better differs between
+screens, so the model chooses, from its training data alone, the weight ``w`` of ``w * FCR +
+(1 - w) * baseline``: some measured pairs are held out again, a second FCR with the same
+settings is trained without them, and ``w`` is the least-squares weight of its and the
+baseline's predicted means of those pairs. The record (``FCRModel.shrinkage_``) is a plain
+dict, saved with the model: the weight, the pairs it was chosen on, the baseline's kind and
+the training data's group means that the baseline needs. Records saved before the context
+adjustment (model format 1.3) chose the weight against the plain additive baseline
+(:class:`~fcr_tools.baselines.AdditiveBaseline`) and keep it.
 """
 
 from __future__ import annotations
@@ -21,20 +25,29 @@ from scvi import settings
 
 from ._backed import is_store
 from ._registration import RegisteredSetup
-from .baselines import AdditiveBaseline, _dose_label, _GroupMeans
+from .baselines import AdditiveBaseline, ContextAdjustedBaseline, _dose_label, _GroupMeans
 from .metrics._response import _dense, top_degs
 
 MIN_CELLS = 10  # smallest held-out group the weight is chosen on
 N_RANKED_DEGS = 50  # genes ranked per held-out group (criteria on its top DEGs)
 TOP_DEG_CRITERIA = (20, 50)  # the top-DEG weights recorded next to the default's
+TARGETS = {"additive": AdditiveBaseline, "context_adjusted": ContextAdjustedBaseline}
+TARGET = "context_adjusted"  # the baseline new records shrink towards
+TARGET_NAMES = {"additive": "additive baseline", "context_adjusted": "context-adjusted baseline"}
+
+
+def target_name(record: dict) -> str:
+    """Words for the baseline a ``shrinkage_`` record shrinks towards."""
+    return TARGET_NAMES[record.get("target", "additive")]
 
 
 class HeldOutGroup(NamedTuple):
-    """One held-out (context, treatment, dose) group: true and predicted mean expression."""
+    """One held-out (context, treatment, dose) group: true and predicted mean expression
+    (FCR's and the baseline's it shrinks towards)."""
 
     truth: np.ndarray
     fcr: np.ndarray
-    additive: np.ndarray
+    baseline: np.ndarray
     degs: np.ndarray | None = None  # its genes ranked by |Welch t| against the controls
 
 
@@ -65,10 +78,10 @@ def internal_pairs(contexts, treatments, control: str, rng, exclude=()) -> list[
     return chosen
 
 
-def _group_keys(adata, additive: AdditiveBaseline, setup: RegisteredSetup):
+def _group_keys(adata, baseline: AdditiveBaseline, setup: RegisteredSetup):
     """Each cell's ``"context\\ttreatment\\tdose"`` key, context and dose."""
     obs = adata.obs
-    contexts = additive._means.context_labels(adata)
+    contexts = baseline._means.context_labels(adata)
     doses = obs[setup.dose_key].to_numpy() if setup.dose_key else np.full(adata.n_obs, None)
     labels = np.array([_dose_label(d) for d in doses], dtype=object)
     treatments = obs[setup.treatment_key].astype(str)
@@ -78,10 +91,10 @@ def _group_keys(adata, additive: AdditiveBaseline, setup: RegisteredSetup):
     return keys, contexts, doses
 
 
-def group_means(model, additive, adata, held, setup: RegisteredSetup, min_cells: int):
-    """True and predicted (FCR, additive) mean of each held-out treated group of at least
+def group_means(model, baseline, adata, held, setup: RegisteredSetup, min_cells: int):
+    """True and predicted (FCR, ``baseline``) mean of each held-out treated group of at least
     ``min_cells`` cells."""
-    keys, contexts, doses = _group_keys(adata, additive, setup)
+    keys, contexts, doses = _group_keys(adata, baseline, setup)
     is_control = (adata.obs[setup.treatment_key].astype(str) == setup.control_treatment).to_numpy()
     groups = []
     for key in np.unique(keys[held]):
@@ -93,11 +106,11 @@ def group_means(model, additive, adata, held, setup: RegisteredSetup, min_cells:
         dose = doses[rows[0]]
         truth = _expression(adata[rows], setup)
         degs = top_degs(truth, _expression(controls, setup), N_RANKED_DEGS)
-        fcr, add = (
+        fcr, base = (
             _dense(p.predict_counterfactual(controls, treatment=treatment, dose=dose).X).mean(0)
-            for p in (model, additive)
+            for p in (model, baseline)
         )
-        groups.append(HeldOutGroup(truth.mean(0), fcr, add, degs))
+        groups.append(HeldOutGroup(truth.mean(0), fcr, base, degs))
     return groups
 
 
@@ -111,22 +124,25 @@ def least_squares_sums(groups, n_degs: int | None = None) -> tuple[float, float]
     num = den = 0.0
     for group in groups:
         genes = slice(None) if n_degs is None else group.degs[:n_degs]
-        y, a, b = group.truth[genes], group.fcr[genes], group.additive[genes]
+        y, a, b = group.truth[genes], group.fcr[genes], group.baseline[genes]
         num += float(((y - b) * (a - b)).sum())
         den += float(((a - b) ** 2).sum())
     return num, den
 
 
 def least_squares_weight(groups=None, sums=None, n_degs: int | None = None) -> float:
-    """The ``w`` in [0, 1] minimising the squared error of ``w * FCR + (1 - w) * additive``
+    """The ``w`` in [0, 1] minimising the squared error of ``w * FCR + (1 - w) * baseline``
     over ``groups`` (or from their :func:`least_squares_sums`, e.g. pooled over folds)."""
     num, den = least_squares_sums(groups, n_degs) if sums is None else sums
     return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 1.0
 
 
-def additive_baseline(adata: ad.AnnData, setup: RegisteredSetup) -> AdditiveBaseline:
-    """The additive baseline of ``adata`` with the model's registered columns."""
-    return AdditiveBaseline(
+def shrinkage_target(
+    adata: ad.AnnData, setup: RegisteredSetup, kind: str = TARGET
+) -> AdditiveBaseline:
+    """The baseline of ``adata`` that predictions shrink towards, with the model's registered
+    columns (``kind``: a key of ``TARGETS``)."""
+    return TARGETS[kind](
         adata,
         setup.treatment_key,
         setup.covariate_keys or None,
@@ -155,7 +171,7 @@ def check_available(model) -> None:
         )
     if model.module.likelihood != "gaussian":
         raise ShrinkageUnavailable(
-            "shrinkage towards the additive baseline is implemented for the Gaussian "
+            "shrinkage towards the baseline is implemented for the Gaussian "
             f"likelihood only, not {model.module.likelihood!r}."
         )
 
@@ -178,8 +194,8 @@ def fit_shrinkage(
     setup = RegisteredSetup.from_registry(model.registry_)
     seed = settings.seed if seed is None else seed
     rng = np.random.default_rng(0 if seed is None else seed)
-    additive = additive_baseline(adata, setup)
-    contexts = additive._means.context_labels(adata)
+    baseline = shrinkage_target(adata, setup)
+    contexts = baseline._means.context_labels(adata)
     treatments = adata.obs[setup.treatment_key].astype(str).to_numpy()
     pairs = internal_pairs(contexts, treatments, setup.control_treatment, rng)
     if not pairs:
@@ -188,9 +204,9 @@ def fit_shrinkage(
             "measured in one context only, so there is nothing to choose the weight on."
         )
     groups = held_out_groups(
-        model, pairs, max_epochs, seed, min_cells, plan_kwargs, additive=additive, **train_kwargs
+        model, pairs, max_epochs, seed, min_cells, plan_kwargs, baseline=baseline, **train_kwargs
     )
-    means = additive._means
+    means = baseline._means
     # the weight's least-squares sums (numerator, denominator): pooling other folds
     sums = least_squares_sums(groups)
     return {
@@ -201,6 +217,8 @@ def fit_shrinkage(
         # experiment: the sums on each held-out group's top DEGs only
         "sums_top_degs": {k: list(least_squares_sums(groups, k)) for k in TOP_DEG_CRITERIA},
         "epochs": int(max_epochs),
+        "target": TARGET,
+        "slope": float(baseline.slope),  # the context adjustment's (for the record)
         "means_keys": [list(k) for k in means.means],
         "means": np.stack(list(means.means.values())).astype(np.float32),
     }
@@ -214,20 +232,22 @@ def held_out_groups(
     min_cells: int = MIN_CELLS,
     plan_kwargs: dict | None = None,
     *,
-    additive: AdditiveBaseline | None = None,
+    baseline: AdditiveBaseline | None = None,
     **train_kwargs,
 ) -> list:
     """Train a second FCR without ``pairs`` and return :func:`group_means` of their groups.
 
-    ``additive``: the additive baseline of the model's training data, when already built.
+    ``baseline``: the :func:`shrinkage_target` of the model's training data, when already
+    built (its kind is used for the second model's too).
     Raises :class:`ShrinkageUnavailable` (before training) when no group of ``pairs`` has
     ``min_cells`` cells.
     """
     adata = model.adata
     setup = RegisteredSetup.from_registry(model.registry_)
-    if additive is None:
-        additive = additive_baseline(adata, setup)
-    keys, contexts, _ = _group_keys(adata, additive, setup)
+    if baseline is None:
+        baseline = shrinkage_target(adata, setup)
+    kind = next(k for k, cls in TARGETS.items() if type(baseline) is cls)
+    keys, contexts, _ = _group_keys(adata, baseline, setup)
     treatments = adata.obs[setup.treatment_key].astype(str).to_numpy()
     held = np.zeros(adata.n_obs, dtype=bool)
     for context, treatment in pairs:
@@ -256,14 +276,16 @@ def held_out_groups(
     keep = held | (is_control & np.isin(contexts, [context for context, _ in pairs]))
     scored = plain_copy(adata[keep])
     return group_means(
-        second, additive_baseline(inner, setup), scored, held[keep], setup, min_cells
+        second, shrinkage_target(inner, setup, kind), scored, held[keep], setup, min_cells
     )
 
 
-def saved_additive(record: dict, setup: RegisteredSetup, var_names) -> AdditiveBaseline:
-    """The additive baseline of the training data, rebuilt from a ``shrinkage_`` record."""
+def saved_target(record: dict, setup: RegisteredSetup, var_names) -> AdditiveBaseline:
+    """The baseline of the training data that a ``shrinkage_`` record shrinks towards,
+    rebuilt from its group means (the plain additive baseline for records without
+    ``"target"``, saved before the context-adjusted one)."""
     means = dict(zip(map(tuple, record["means_keys"]), record["means"], strict=True))
-    return AdditiveBaseline.from_group_means(
+    return TARGETS[record.get("target", "additive")].from_group_means(
         _GroupMeans.from_means(
             means,
             setup.genes(var_names),
@@ -276,15 +298,15 @@ def saved_additive(record: dict, setup: RegisteredSetup, var_names) -> AdditiveB
     )
 
 
-def shrink(additive: AdditiveBaseline, weight: float, values, contexts, targets) -> np.ndarray:
-    """Blend ``values`` (targets x rows x genes, FCR's) in place towards the additive baseline.
+def shrink(baseline: AdditiveBaseline, weight: float, values, contexts, targets) -> np.ndarray:
+    """Blend ``values`` (targets x rows x genes, FCR's) in place towards ``baseline``.
 
     Rows whose (context, target treatment, dose) was measured in training, targets at the
-    control label, and targets the additive baseline cannot predict (a treatment or dose never
+    control label, and targets the baseline cannot predict (a treatment or dose never
     measured with controls) keep FCR's prediction. Returns the weight of FCR per target and
     row (1.0 where unchanged).
     """
-    means = additive._means
+    means = baseline._means
     unique, inverse = np.unique(np.asarray(contexts, dtype=object), return_inverse=True)
     weights = np.ones((len(targets), len(inverse)), dtype=np.float32)
     for k, (treatment, dose) in enumerate(targets):
@@ -295,7 +317,7 @@ def shrink(additive: AdditiveBaseline, weight: float, values, contexts, targets)
             if (context, treatment, label) in means.means:
                 continue
             try:
-                target = means.control_mean(context) + additive._shift(treatment, label, context)
+                target = means.control_mean(context) + baseline._shift(treatment, label, context)
             except ValueError:  # no controls in this context, or nothing to compose
                 continue
             rows = np.flatnonzero(inverse == i)

@@ -1,6 +1,6 @@
 """Baselines for response prediction, with the same interface as FCRModel's counterfactuals.
 
-Both are fitted on training cells and answer ``predict_counterfactual(adata, treatment=...,
+All are fitted on training cells and answer ``predict_counterfactual(adata, treatment=...,
 dose=...)`` with an AnnData of predicted expression, so :mod:`fcr_tools.metrics` scores them
 exactly like an :class:`~fcr_tools.FCRModel`.
 """
@@ -16,7 +16,7 @@ from scipy import sparse
 
 from ._validation import as_key_list, require_column
 
-__all__ = ["AdditiveBaseline", "ControlMeanBaseline"]
+__all__ = ["AdditiveBaseline", "ContextAdjustedBaseline", "ControlMeanBaseline"]
 
 
 def _dose_label(dose) -> str:
@@ -187,7 +187,8 @@ class AdditiveBaseline:
     measured, that context is left out of the average, so the prediction never copies the
     answer; with no other context measured, the context's own shift is used. A combination
     ``"A+B"`` never measured gets the sum of the shifts of its parts (each at its own dose
-    when the dose is written ``"d1+d2"``).
+    when the dose is written ``"d1+d2"``). :class:`ContextAdjustedBaseline` also adjusts the
+    shift for where the context's controls start.
 
     Parameters
     ----------
@@ -235,12 +236,19 @@ class AdditiveBaseline:
             if t == treatment and d == dose and (context, m.control, "control") in m.means
         }
 
+    def _measured_shift(
+        self, treatment: str, dose: str, context: str, shifts: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """The shift of a measured (treatment, dose) for ``context``: the mean over the other
+        contexts (the context's own when none other was measured)."""
+        others = [v for c, v in shifts.items() if c != context] or [shifts[context]]
+        return np.mean(others, axis=0)
+
     def _shift(self, treatment: str, dose: str, context: str) -> np.ndarray:
         """The shift of (treatment, dose) for one context: measured, or summed over parts."""
         shifts = self._shifts(treatment, dose)
         if shifts:
-            others = [v for c, v in shifts.items() if c != context] or [shifts[context]]
-            return np.mean(others, axis=0)
+            return self._measured_shift(treatment, dose, context, shifts)
         parts = treatment.split("+")
         if len(parts) > 1:
             doses = dose.split("+") if "+" in dose else [dose] * len(parts)
@@ -290,3 +298,78 @@ class AdditiveBaseline:
             return np.stack([out[c] for c in contexts])
 
         return self._means.predict(adata, treatment, dose, shift_fn)
+
+
+class ContextAdjustedBaseline(AdditiveBaseline):
+    """The additive baseline, adjusted for where the context's controls start.
+
+    A treatment often moves cells towards a common state, so a context whose controls express
+    a gene above the other contexts' may see it fall further (or, the other way, rise less).
+    For a context ``c`` the shift of a measured (treatment, dose) is the additive baseline's,
+    the mean shift of the other contexts ``O`` where it was measured, plus ``b * (control_c -
+    mean over O of control)``. One slope ``b`` serves every treatment, dose, gene and context;
+    it is fitted on the training data alone, leaving one context out at a time: each measured
+    pair's shift is predicted by the mean shift of the other contexts of its treatment and
+    dose, and ``b`` is the least-squares slope of those misses on the same contexts' control
+    differences, clipped to [-1, 1] (-1: the treatment erases the contexts' differences). With
+    no treatment measured in two contexts, ``b`` is 0 and this is the additive baseline. A
+    combination never measured gets the sum of its parts' adjusted shifts; a shift measured in
+    the context alone is used as it is.
+
+    Parameters
+    ----------
+    adata
+        Training cells.
+    treatment_key, covariate_keys, dose_key, control_treatment
+        The obs columns and control label.
+    layer
+        Layer with the expression (``None``: ``X``).
+
+    Examples
+    --------
+    >>> from fcr_tools.data import simulate_screen
+    >>> adata = simulate_screen(n_cells_per_condition=5, n_genes=20)
+    >>> adjusted = ContextAdjustedBaseline(adata, "drug", "cell_line", dose_key="dose")
+    >>> -1.0 <= adjusted.slope <= 1.0
+    True
+    >>> adjusted.predict_counterfactual(adata[:3], treatment="drug_0", dose=1.0).shape
+    (3, 20)
+    """
+
+    @property
+    def slope(self) -> float:
+        """The slope ``b`` of a context's shift on its controls' difference from the others'."""
+        if getattr(self, "_slope", None) is None:
+            self._slope = self._fit_slope()
+        return self._slope
+
+    def _fit_slope(self) -> float:
+        m = self._means
+        members: dict[tuple[str, str], list] = {}
+        for (context, treatment, dose), mean in m.means.items():
+            if treatment != m.control and (context, m.control, "control") in m.means:
+                control = m.control_mean(context)
+                members.setdefault((treatment, dose), []).append((mean - control, control))
+        num = den = 0.0
+        for group in members.values():
+            if len(group) < 2:
+                continue
+            shifts = np.stack([shift for shift, _ in group])
+            controls = np.stack([control for _, control in group])
+            n = len(group)  # each context against the mean of the n - 1 others
+            miss = shifts - (shifts.sum(0) - shifts) / (n - 1)
+            gap = controls - (controls.sum(0) - controls) / (n - 1)
+            num += float((miss * gap).sum())
+            den += float((gap**2).sum())
+        return float(np.clip(num / den, -1.0, 1.0)) if den > 0 else 0.0
+
+    def _measured_shift(
+        self, treatment: str, dose: str, context: str, shifts: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        shift = super()._measured_shift(treatment, dose, context, shifts)
+        others = [c for c in shifts if c != context]
+        if not others or self.slope == 0.0:
+            return shift
+        m = self._means
+        gap = m.control_mean(context) - np.mean([m.control_mean(c) for c in others], axis=0)
+        return shift + self.slope * gap

@@ -120,6 +120,7 @@ def _train(args: argparse.Namespace) -> int:
     import scvi
 
     from ._model import FCRModel
+    from ._shrinkage import target_name
 
     scvi.settings.seed = args.seed
     is_mudata = hasattr(data, "mod")
@@ -152,8 +153,8 @@ def _train(args: argparse.Namespace) -> int:
         shrinkage=not args.no_shrinkage,
     )
     if model.shrinkage_:
-        w = model.shrinkage_["weight"]
-        _info(f"Unmeasured pairs will be predicted as {w:.2f} x FCR + {1 - w:.2f} x additive.")
+        w, target = model.shrinkage_["weight"], target_name(model.shrinkage_)
+        _info(f"Unmeasured pairs will be predicted as {w:.2f} x FCR + {1 - w:.2f} x {target}.")
     model.save(str(out_model), overwrite=True)
     _info(f"Saved the model to {out_model}/")
     if args.out_adata:
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-shrinkage",
         action="store_true",
         help="skip the second training that chooses how far predictions of unmeasured pairs "
-        "shrink towards the additive baseline",
+        "shrink towards the context-adjusted additive baseline",
     )
     train.set_defaults(func=_train)
 
