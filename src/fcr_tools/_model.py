@@ -115,8 +115,11 @@ _DDP_FIND_UNUSED = {
 }
 
 
-# minibatch size of inference (latents, counterfactuals): large batches cut per-batch overhead
+# minibatch size of inference (latents, counterfactuals): large batches cut per-batch overhead,
+# so as many cells as hold about INFERENCE_VALUES expression values (16 MB of float32), at
+# least INFERENCE_BATCH_SIZE
 INFERENCE_BATCH_SIZE = 1024
+INFERENCE_VALUES = 2**22
 # train() arguments the second training of fit_shrinkage does not repeat (a user's callbacks
 # and loggers belong to the model they were given for; the data split to its data)
 _NOT_REPEATED = ("callbacks", "logger", "strategy", "datasplitter_kwargs", "max_epochs")
@@ -590,8 +593,13 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError("indices is empty: select at least one cell.")
         manager = self.get_anndata_manager(adata, required=True)
         return FCRDataLoader(
-            manager, indices=indices, batch_size=batch_size or INFERENCE_BATCH_SIZE
+            manager, indices=indices, batch_size=batch_size or self._inference_batch_size()
         )
+
+    def _inference_batch_size(self) -> int:
+        """Default cells per inference minibatch (see ``INFERENCE_VALUES``)."""
+        n_genes = max(int(self.summary_stats.n_vars), 1)
+        return max(INFERENCE_BATCH_SIZE, INFERENCE_VALUES // n_genes)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -899,7 +907,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         give_mean
             Posterior means (default) or one sample.
         batch_size
-            Cells per minibatch (default 1,024: inference needs no small batches).
+            Cells per minibatch (default: about 4 million expression values' worth, at least
+            1,024 cells: inference needs no small batches).
 
         Returns
         -------
@@ -959,7 +968,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         indices
             Cells to use (default all).
         batch_size
-            Cells per minibatch (default 1,024).
+            Cells per minibatch (default: about 4 million expression values' worth, at least
+            1,024 cells).
 
         Yields
         ------
@@ -1007,7 +1017,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         indices
             Cells to use (default all).
         batch_size
-            Cells per minibatch (default 1,024).
+            Cells per minibatch (default: about 4 million expression values' worth, at least
+            1,024 cells).
         n_samples
             Draws of the latents per cell to average over (the reconstruction term is a
             Monte Carlo estimate; set ``scvi.settings.seed`` to repeat it).
@@ -1143,7 +1154,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         give_mean
             Posterior means (default) or one sample.
         batch_size
-            Cells per minibatch (default 1,024: inference needs no small batches).
+            Cells per minibatch (default: about 4 million expression values' worth, at least
+            1,024 cells: inference needs no small batches).
 
         Notes
         -----
@@ -1211,7 +1223,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         indices
             Cells to use (default all).
         batch_size
-            Cells per minibatch (default 1,024: inference needs no small batches).
+            Cells per minibatch (default: about 4 million expression values' worth, at least
+            1,024 cells: inference needs no small batches).
         mode
             ``"abduction"`` (default): z_t and z_tx are the prior means of the target
             treatment plus each cell's own deviation from the prior means of its observed
@@ -1279,7 +1292,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         indices
             Cells to use (default all).
         batch_size
-            Cells per minibatch (default 1,024).
+            Cells per minibatch (default: about 4 million expression values' worth, at least
+            1,024 cells).
         mode
             As in :meth:`predict_counterfactual`.
         aggregate
