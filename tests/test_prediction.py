@@ -52,6 +52,26 @@ def test_inference_batches_cover_the_cells_in_order(gaussian):
     np.testing.assert_allclose(z_t, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_default_inference_batches_hold_about_4_million_values(gaussian, monkeypatch):
+    import fcr_tools._model as model_module
+
+    model, adata = gaussian
+    n_genes = adata.n_vars
+    # few genes: every cell in one minibatch
+    assert len(list(model.inference_batches(adata))) == 1
+    # the budget in values decides the cells per minibatch, never fewer than the minimum
+    monkeypatch.setattr(model_module, "INFERENCE_VALUES", 10 * n_genes)
+    monkeypatch.setattr(model_module, "INFERENCE_BATCH_SIZE", 4)
+    sizes = [len(b["indices"]) for b in model.inference_batches(adata)]
+    assert sizes[0] == 10 and sum(sizes) == adata.n_obs
+    monkeypatch.setattr(model_module, "INFERENCE_BATCH_SIZE", 16)
+    assert len(next(iter(model.inference_batches(adata)))["indices"]) == 16
+    pred = model.predict_counterfactual(_controls(adata), treatment="drug_2", dose=0.3)
+    monkeypatch.undo()
+    whole = model.predict_counterfactual(_controls(adata), treatment="drug_2", dose=0.3)
+    np.testing.assert_allclose(pred.X, whole.X, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("fixture", ["gaussian", "nb"])
 def test_decode_of_counterfactual_latents_is_the_prediction(fixture, request):
     model, adata = request.getfixturevalue(fixture)
