@@ -89,8 +89,8 @@ def train_fcr(
     """Set up, build and train an FCRModel; returns the model and training seconds.
 
     ``shrinkage`` is ``FCRModel.train``'s (default on: a second training chooses how far
-    predictions of unmeasured pairs shrink towards the additive baseline); benchmarks of the
-    latents or of speed turn it off.
+    predictions of unmeasured pairs shrink towards the context-adjusted additive baseline);
+    benchmarks of the latents or of speed turn it off.
     """
     from fcr_tools import FCRModel
 
