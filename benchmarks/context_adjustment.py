@@ -60,11 +60,9 @@ def run(task: str) -> pd.DataFrame:
         holdout = np.array([label in held for label in labels])
         adata.obs["split"] = np.where(holdout, "holdout", "train")
         train = adata[~holdout].copy()
-        adjusted = ContextAdjustedBaseline(train, tk, ck, control_treatment=control)
-        predictors = {
-            "additive": AdditiveBaseline(train, tk, ck, control_treatment=control),
-            "context-adjusted": adjusted,
-        }
+        additive = AdditiveBaseline(train, tk, ck, control_treatment=control)
+        adjusted = ContextAdjustedBaseline.from_group_means(additive._means)
+        predictors = {"additive": additive, "context-adjusted": adjusted}
         table = score_heldout_groups(predictors, adata, tk, ck, control_treatment=control)
         means = table.groupby("method", sort=False)[SCORES].mean()
         for method, scores in means.iterrows():

@@ -51,6 +51,7 @@ from fcr_tools._shrinkage import (
     least_squares_weight,
     saved_target,
 )
+from fcr_tools.baselines import AdditiveBaseline
 from fcr_tools.metrics import score_heldout_groups
 
 SCORES = ["r2_all", "r2_deg20", "pearson_delta_deg20"]
@@ -92,7 +93,7 @@ def run(
     registered = RegisteredSetup.from_registry(model.registry_)
     genes = model.get_var_names()
     target = saved_target(record, registered, genes)  # what the default shrinks towards
-    additive = saved_target({**record, "target": "additive"}, registered, genes)
+    additive = AdditiveBaseline.from_group_means(target._means)  # the plain one, same means
     # the ceiling: the least-squares weight on the test pairs themselves
     held = (adata.obs["split"] == "holdout").to_numpy()
     fcr = Weighted(model, None)

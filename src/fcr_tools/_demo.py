@@ -133,11 +133,12 @@ def run_demo(
     def exact_truth(controls, treatment, dose):
         return simulate_counterfactual(controls, treatment, dose, kind="lognorm", seed=seed)
 
+    additive = AdditiveBaseline(train, "drug", "cell_line", dose_key="dose")
     predictors = {
         "FCR": model,  # unmeasured pairs shrunk towards a baseline (the default)
         "FCR without shrinkage": _Unshrunk(model),
-        "additive": AdditiveBaseline(train, "drug", "cell_line", dose_key="dose"),
-        "context-adjusted": ContextAdjustedBaseline(train, "drug", "cell_line", dose_key="dose"),
+        "additive": additive,
+        "context-adjusted": ContextAdjustedBaseline.from_group_means(additive._means),
         "control_mean": ControlMeanBaseline(train, "drug", "cell_line", dose_key="dose"),
     }
     scores = score_heldout_groups(

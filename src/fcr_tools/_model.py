@@ -646,8 +646,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         shrinkage
             Then choose how far predictions of (context, treatment) pairs never measured shrink
             towards the context-adjusted additive baseline (:meth:`fit_shrinkage`: a second
-            training, on the
-            data without some measured pairs, so training takes about twice as long). It is
+            training, on the data without some measured pairs, so training takes about twice
+            as long). It is
             skipped, with a log message, where it cannot be chosen (data too small, every
             treatment measured in one context only, MuData, an on-disk store, the negative
             binomial, several devices); if the second training fails, a warning says why and

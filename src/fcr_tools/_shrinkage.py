@@ -138,11 +138,11 @@ def least_squares_weight(groups=None, sums=None, n_degs: int | None = None) -> f
 
 
 def shrinkage_target(
-    adata: ad.AnnData, setup: RegisteredSetup, kind: str = TARGET
+    adata: ad.AnnData, setup: RegisteredSetup, cls: type[AdditiveBaseline] = TARGETS[TARGET]
 ) -> AdditiveBaseline:
-    """The baseline of ``adata`` that predictions shrink towards, with the model's registered
-    columns (``kind``: a key of ``TARGETS``)."""
-    return TARGETS[kind](
+    """The baseline (of class ``cls``) of ``adata`` that predictions shrink towards, with the
+    model's registered columns."""
+    return cls(
         adata,
         setup.treatment_key,
         setup.covariate_keys or None,
@@ -238,7 +238,7 @@ def held_out_groups(
     """Train a second FCR without ``pairs`` and return :func:`group_means` of their groups.
 
     ``baseline``: the :func:`shrinkage_target` of the model's training data, when already
-    built (its kind is used for the second model's too).
+    built (the second model's is of its class).
     Raises :class:`ShrinkageUnavailable` (before training) when no group of ``pairs`` has
     ``min_cells`` cells.
     """
@@ -246,7 +246,6 @@ def held_out_groups(
     setup = RegisteredSetup.from_registry(model.registry_)
     if baseline is None:
         baseline = shrinkage_target(adata, setup)
-    kind = next(k for k, cls in TARGETS.items() if type(baseline) is cls)
     keys, contexts, _ = _group_keys(adata, baseline, setup)
     treatments = adata.obs[setup.treatment_key].astype(str).to_numpy()
     held = np.zeros(adata.n_obs, dtype=bool)
@@ -275,9 +274,8 @@ def held_out_groups(
     is_control = treatments == setup.control_treatment
     keep = held | (is_control & np.isin(contexts, [context for context, _ in pairs]))
     scored = plain_copy(adata[keep])
-    return group_means(
-        second, shrinkage_target(inner, setup, kind), scored, held[keep], setup, min_cells
-    )
+    inner_baseline = shrinkage_target(inner, setup, type(baseline))
+    return group_means(second, inner_baseline, scored, held[keep], setup, min_cells)
 
 
 def saved_target(record: dict, setup: RegisteredSetup, var_names) -> AdditiveBaseline:
