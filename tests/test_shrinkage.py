@@ -152,7 +152,7 @@ def test_saved_and_loaded_with_the_weight(_fitted, tmp_path):
         FCRModel.load(str(tmp_path / "m")),  # without data: the means come with the model
     ):
         assert loaded.shrinkage_["weight"] == w
-        assert loaded.fcr_version_["model_format"] == "1.4"
+        assert loaded.fcr_version_["model_format"] == "1.5"
         assert loaded.shrinkage_["target"] == "context_adjusted"
         pred = loaded.predict_counterfactual(controls, treatment=HELD[1], dose=1.0)
         np.testing.assert_allclose(pred.X, expected.X, rtol=1e-5, atol=1e-6)

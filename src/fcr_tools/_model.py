@@ -25,6 +25,7 @@ from scvi.data.fields import (
 )
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from ._axes import condition_covariances, fit_rotation, total_correlation
 from ._backed import (
     check_store,
     create_obsm_arrays,
@@ -281,6 +282,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         # how far predictions of unmeasured pairs shrink towards a baseline
         # (set by train / fit_shrinkage; saved with the model)
         self.shrinkage_ = None
+        # the rotation that reports z_tx in its aligned axes (set by train /
+        # align_interaction_axes; saved with the model; None: the module's own axes)
+        self.interaction_axes_ = None
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -618,6 +622,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
     ):
         """Train the model.
 
+        At its end (on one device), the axes in which z_tx is reported are chosen
+        (:meth:`align_interaction_axes`, minibatches of ``batch_size``), then, with
+        ``shrinkage``, how far predictions of unmeasured pairs shrink.
+
         Parameters
         ----------
         max_epochs
@@ -688,11 +696,26 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             **trainer_kwargs,
         )
         release_fit_loaders(getattr(self, "trainer", None))  # arrays of every cell
-        self.shrinkage_ = None  # a weight chosen for the model before this training is stale
+        # what was chosen for the model before this training is stale
+        self.shrinkage_ = None
+        self.interaction_axes_ = None
+        several_devices = strategy not in (None, "auto") or devices not in ("auto", 1, [0], "1")
+        if several_devices:
+            logger.info("z_tx is reported in the module's own axes: trained on several devices.")
+        else:
+            try:  # in minibatches of the training's size, which the user chose for memory
+                self.align_interaction_axes(batch_size=batch_size)
+            except Exception as err:  # the model itself is trained: keep it, say what failed
+                warnings.warn(
+                    f"Aligning the axes of z_tx failed ({type(err).__name__}: {err}); z_tx is "
+                    "reported in the module's own axes. model.align_interaction_axes() retries.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if shrinkage:
             repeated = {k: v for k, v in trainer_kwargs.items() if k not in _NOT_REPEATED}
             try:
-                if strategy not in (None, "auto") or devices not in ("auto", 1, [0], "1"):
+                if several_devices:
                     raise ShrinkageUnavailable("training on several devices (DDP).")
                 self.fit_shrinkage(plan_kwargs=plan_kwargs, **settings, **repeated)
             except ShrinkageUnavailable as err:
@@ -779,6 +802,95 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             f"{record['pairs']})."
         )
         return record["weight"]
+
+    def align_interaction_axes(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        seed: int | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Choose the axes in which z_tx is reported: those its conditional prior says.
+
+        FCR's prior gives z_tx a diagonal Gaussian law in each (covariate, treatment, dose)
+        condition, with variances that change between conditions; in the true axes the
+        cells of every condition have uncorrelated components. Training identifies z_tx only
+        up to a rotation in practice (the likelihood that tells the axes apart is weak), so
+        this finds the rotation ``R`` under which the cells' aggregate posterior in each
+        condition is closest to diagonal (least total correlation, weighted by the
+        conditions' cells), and from then on :meth:`get_latent_representation` and
+        :meth:`write_latents` report z_tx as ``z_tx @ R.T``. :meth:`train` calls it at its
+        end (on one device). A rotation keeps every distance, so neighbour graphs, UMAPs and
+        clusters of z_tx, and every prediction, are unchanged: only what each column of z_tx
+        means moves. :meth:`inference_batches`, :meth:`counterfactual_latents`,
+        :meth:`decode` and :func:`fcr_tools.tl.latent_usage` keep the module's own axes.
+
+        ``interaction_axes_`` holds ``"rotation"`` (``R``), ``"total_correlation"`` and
+        ``"total_correlation_aligned"`` (nats per cell, before and after the rotation) and
+        ``"n_conditions"``; it is saved with the model. Set it to ``None`` to report the
+        module's own axes.
+
+        Parameters
+        ----------
+        adata
+            Cells whose conditions choose the axes (default: the training data).
+        indices
+            Cells to use (default all).
+        seed
+            Seed of the search's random starting points (``None``: ``scvi.settings.seed``).
+        batch_size
+            Cells per inference minibatch (default as in :meth:`get_latent_representation`).
+
+        Returns
+        -------
+        The rotation ``R``, ``(n_latent_tx, n_latent_tx)``.
+
+        Examples
+        --------
+        >>> R = model.align_interaction_axes()
+        >>> bool(np.allclose(R @ R.T, np.eye(len(R))))
+        True
+        >>> record = model.interaction_axes_
+        >>> record["total_correlation_aligned"] <= record["total_correlation"]
+        True
+        """
+        import scvi
+
+        means, variances, conditions = [], [], []
+        for out in self.inference_batches(adata, indices, batch_size):
+            posterior = out["qz_tx"]
+            means.append(posterior.loc.double().cpu().numpy())
+            variances.append((posterior.scale.double() ** 2).cpu().numpy())
+            columns = [out["covs"], out["t_idx"], out["t_dose"]]
+            conditions.append(
+                np.hstack([c.reshape(len(c), -1).double().cpu().numpy() for c in columns])
+            )
+        _, groups = np.unique(np.concatenate(conditions), axis=0, return_inverse=True)
+        covs, counts = condition_covariances(
+            np.concatenate(means), np.concatenate(variances), groups.reshape(-1)
+        )
+        rotation = fit_rotation(covs, counts, scvi.settings.seed if seed is None else seed)
+        before = total_correlation(covs, counts)
+        after = total_correlation(covs, counts, rotation)
+        self.interaction_axes_ = {
+            "rotation": rotation,
+            "total_correlation": before,
+            "total_correlation_aligned": after,
+            "n_conditions": len(counts),
+        }
+        logger.info(
+            f"z_tx is reported in its aligned axes: total correlation within conditions "
+            f"{before:.3f} -> {after:.3f} nats per cell ({len(counts)} conditions)."
+        )
+        return rotation
+
+    def _reported(self, block: str, values: torch.Tensor) -> torch.Tensor:
+        """A block's latents in the axes they are reported in (z_tx: its aligned axes)."""
+        record = self.interaction_axes_
+        if block != "tx" or record is None:
+            return values
+        rotation = torch.as_tensor(record["rotation"], dtype=values.dtype, device=values.device)
+        return values @ rotation.T
 
     # ------------------------------------------------------------------ save / load
     def save(self, dir_path: str, prefix: str | None = None, overwrite: bool = False, **kwargs):
@@ -912,7 +1024,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
         Returns
         -------
-        Array ``(n_cells, n_dims)``.
+        Array ``(n_cells, n_dims)``. z_tx is in its aligned axes (rotated by
+        ``interaction_axes_["rotation"]``, see :meth:`align_interaction_axes`), z_x and z_t as
+        the module gives them.
 
         Examples
         --------
@@ -923,7 +1037,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         blocks = _selected_blocks(block)
         parts = []
         for out in self.inference_batches(adata, indices, batch_size):
-            chosen = [out[f"qz_{b}"].loc if give_mean else out[f"z_{b}"] for b in blocks]
+            chosen = [
+                self._reported(b, out[f"qz_{b}"].loc if give_mean else out[f"z_{b}"])
+                for b in blocks
+            ]
             parts.append(torch.cat(chosen, -1).cpu().numpy())
         return np.concatenate(parts)
 
@@ -978,7 +1095,10 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             created in inference mode): ``qz_x``, ``qz_t``, ``qz_tx`` (posteriors),
             ``pz_x``, ``pz_t``, ``pz_tx`` (conditional priors), ``z_*`` (one sample each),
             ``library``, ``covs`` (covariate codes), ``e_x`` and ``e_tx`` (context
-            embeddings); and ``indices``, the positions of its cells in ``adata``.
+            embeddings); and ``indices``, the positions of its cells in ``adata``. z_tx is
+            in the module's own axes here (what :meth:`counterfactual_latents` and
+            :meth:`decode` take); :meth:`get_latent_representation` reports it rotated into
+            its aligned axes (:meth:`align_interaction_axes`).
 
         Examples
         --------
@@ -1143,7 +1263,8 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
     ) -> None:
         """Write the three blocks to ``adata.obsm[f"{prefix}_x"]``, ``_t`` and ``_tx``.
 
-        Use them like any embedding, e.g. ``sc.pp.neighbors(adata, use_rep="X_fcr_x")``.
+        Use them like any embedding, e.g. ``sc.pp.neighbors(adata, use_rep="X_fcr_x")``. z_tx is
+        written in its aligned axes, as :meth:`get_latent_representation` gives it.
 
         Parameters
         ----------
@@ -1192,7 +1313,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
                 where = slice(int(rows[0]), int(rows[-1]) + 1)
                 for block, key in zip(LATENT_BLOCKS, widths, strict=True):
                     values = out[f"qz_{block}"].loc if give_mean else out[f"z_{block}"]
-                    arrays[key][where] = values.cpu().numpy()
+                    arrays[key][where] = self._reported(block, values).cpu().numpy()
 
     # ------------------------------------------------------------------ counterfactuals
     @torch.inference_mode()

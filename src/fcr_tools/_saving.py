@@ -42,7 +42,10 @@ from ._scvi_compat import (
 # context-adjusted additive baseline); records without it shrink towards the plain additive
 # baseline, as they were chosen, and a 1.3 reader, which would do so for every record, refuses
 # 1.4 models.
-MODEL_FORMAT = (1, 4)
+# 1.5: the model keeps the rotation in which z_tx is reported (interaction_axes_, from
+# FCRModel.align_interaction_axes); models saved before it report z_tx in the module's own axes,
+# and a 1.4 reader, which would ignore the rotation and report other columns, refuses 1.5 models.
+MODEL_FORMAT = (1, 5)
 # the libraries whose versions decide whether a saved model.pt can be unpickled
 LIBRARIES = ("torch", "pandas", "numpy", "scvi-tools", "anndata")
 # the format of models saved before formats were recorded
