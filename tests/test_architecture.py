@@ -193,7 +193,38 @@ def test_defaults_are_the_benchmarked_architecture():
     module = model.module
     assert (module.posterior, module.interaction_context) == ("residual", "centred")
     assert module.decoder_kind == "skip"
-    assert module.dose_response is None  # doses enter as given
+    # two doses per drug: a learned dose curve ("auto" -> "hill"), recorded as chosen
+    assert module.dose_response is not None
+    assert model.init_params_["non_kwargs"]["dose_response"] == "hill"
+
+
+@pytest.mark.parametrize(
+    "setup, overrides",
+    [
+        ({}, {"doses": (1.0,)}),  # one dose per drug
+        ({"dose_key": None}, {}),  # no doses: every treated cell at dose 1
+    ],
+)
+def test_auto_dose_response_keeps_doses_as_given_with_one_dose_per_treatment(setup, overrides):
+    adata = small_screen(**overrides)
+    FCRModel.setup_anndata(adata, **{**SETUP, **setup})
+    model = FCRModel(adata, **TINY)
+    assert model.module.dose_response is None
+    assert model.init_params_["non_kwargs"]["dose_response"] == "linear"
+    assert FCRModel(adata, **TINY, dose_response="hill").module.dose_response is not None
+
+
+def test_auto_dose_response_is_rebuilt_as_chosen_on_other_data(adata, build_model, tmp_path):
+    model = build_model(adata, train={"max_epochs": 1, "shrinkage": False})
+    assert model.module.dose_response is not None  # two doses per drug
+    model.save(tmp_path / "m")
+    # the controls alone have no doses at all: the saved choice, not the data, decides
+    controls = adata[adata.obs["drug"] == "control"].copy()
+    loaded = FCRModel.load(tmp_path / "m", adata=controls)
+    assert loaded.module.dose_response is not None
+    torch.testing.assert_close(
+        loaded.module.dose_response.log_half_dose, model.module.dose_response.log_half_dose
+    )
 
 
 # ---------------------------------------------------------------- dose response
@@ -220,7 +251,7 @@ def test_linear_treatment_prior_with_hill_doses_trains(adata, build_model):
     assert not torch.allclose(mean[0], mean[1])  # the dose is not normalised away
     controls = adata[adata.obs["drug"] == "control"].copy()
     assert np.isfinite(model.predict_counterfactual(controls, treatment="drug_0").X).all()
-    with pytest.raises(ValueError, match="dose_response must be"):
+    with pytest.raises(ValueError, match="dose_response must be 'auto', 'linear' or 'hill'"):
         build_model(adata.copy(), train=False, dose_response="emax")
     with pytest.raises(ValueError, match="treatment_prior must be"):
         build_model(adata.copy(), train=False, treatment_prior="deep")

@@ -176,3 +176,17 @@ def test_a_failed_alignment_warns_and_keeps_the_model(adata, build_model, monkey
     np.testing.assert_array_equal(
         model.get_latent_representation(block="tx")[: len(own)], torch.as_tensor(own).numpy()
     )
+
+
+def test_alignment_leaves_the_random_state_alone(aligned_model):
+    """What follows training (the shrinkage's second training) draws the same numbers."""
+    model = aligned_model
+    record = dict(model.interaction_axes_)
+    try:
+        torch.manual_seed(3)
+        model.align_interaction_axes()
+        after = torch.rand(5)
+    finally:
+        model.interaction_axes_ = record
+    torch.manual_seed(3)
+    np.testing.assert_array_equal(after.numpy(), torch.rand(5).numpy())

@@ -36,11 +36,12 @@ from ._backed import (
     writable,
 )
 from ._constants import COVARIATES_KEY, LATENT_BLOCKS, TREATMENT_KEY, X_KEY
-from ._module import FCRModule
+from ._module import FCRModule, _check_choice
 from ._objective import LOSS_TERMS
 from ._pairing import (
     FCRDataLoader,
     FCRDataSplitter,
+    cell_treatments,
     control_mask,
     covariate_codes,
     treatment_encoder,
@@ -185,7 +186,11 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         treatment embeddings scaled by their dose response).
     dose_response
         ``"linear"``: doses enter as given; ``"hill"``: each treatment's dose passes through a
-        learned saturating curve d^n / (d^n + c^n) (g(0) = 0) before the priors and encoders.
+        learned saturating curve d^n / (d^n + c^n) (g(0) = 0) before the priors and encoders;
+        ``"auto"`` (default): ``"hill"`` when some treatment was given at two or more doses
+        in the registered data (a curve can be learned), ``"linear"`` otherwise (one dose per
+        treatment: the curve would only rescale it). The choice is logged and recorded in
+        ``init_params_``, so a saved model is rebuilt with it.
 
     Examples
     --------
@@ -223,7 +228,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         decoder: Literal["skip", "mlp", "additive"] = "skip",
         interaction_context: Literal["centred", "shared"] = "centred",
         treatment_prior: Literal["mlp", "linear"] = "mlp",
-        dose_response: Literal["linear", "hill"] = "linear",
+        dose_response: Literal["auto", "linear", "hill"] = "auto",
     ):
         super().__init__(adata, registry)
         if adata is not None:
@@ -246,6 +251,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         if adata is not None and likelihood == "nb":
             check_expression(*self._registered_matrix(adata), counts=True)
 
+        _check_choice("dose_response", dose_response, ("auto", "linear", "hill"))
+        if dose_response == "auto":
+            dose_response = self._auto_dose_response(adata is not None)
         encoder = self.treatment_encoder
         treatments = self.get_state_registry(TREATMENT_KEY).categorical_mapping
         self.module = FCRModule(
@@ -467,6 +475,22 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         cls.register_manager(manager)
 
     # ------------------------------------------------------------------ registry facts
+    def _auto_dose_response(self, has_data: bool) -> str:
+        """``"hill"`` if some treatment has two or more doses in the registered data."""
+        if not has_data:
+            return "linear"
+        pairs = cell_treatments(self.adata_manager)
+        components, doses = pairs.idx.reshape(-1), pairs.dose.reshape(-1)
+        given = doses > 0
+        distinct = pd.DataFrame({"k": components[given], "d": doses[given]}).drop_duplicates()
+        several = bool((distinct.groupby("k").size() > 1).any())
+        choice = "hill" if several else "linear"
+        logger.info(
+            f"dose_response='auto' -> {choice!r} ("
+            + ("some treatment was given at several doses)." if several else "one dose each).")
+        )
+        return choice
+
     @property
     def treatment_encoder(self) -> TreatmentEncoder:
         """The encoder of treatment labels and doses into treatment vectors."""
@@ -857,14 +881,18 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         import scvi
 
         means, variances, conditions = [], [], []
-        for out in self.inference_batches(adata, indices, batch_size):
-            posterior = out["qz_tx"]
-            means.append(posterior.loc.double().cpu().numpy())
-            variances.append((posterior.scale.double() ** 2).cpu().numpy())
-            columns = [out["covs"], out["t_idx"], out["t_dose"]]
-            conditions.append(
-                np.hstack([c.reshape(len(c), -1).double().cpu().numpy() for c in columns])
-            )
+        # the encoder's samples draw from torch's generator: leave its state as it was, so
+        # that what follows (the shrinkage's training) is the same with or without this
+        device = self.module.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for out in self.inference_batches(adata, indices, batch_size):
+                posterior = out["qz_tx"]
+                means.append(posterior.loc.double().cpu().numpy())
+                variances.append((posterior.scale.double() ** 2).cpu().numpy())
+                columns = [out["covs"], out["t_idx"], out["t_dose"]]
+                conditions.append(
+                    np.hstack([c.reshape(len(c), -1).double().cpu().numpy() for c in columns])
+                )
         _, groups = np.unique(np.concatenate(conditions), axis=0, return_inverse=True)
         covs, counts = condition_covariances(
             np.concatenate(means), np.concatenate(variances), groups.reshape(-1)
