@@ -42,6 +42,7 @@ ARCHITECTURES = {
     "linear": {**V01, "interaction_prior": "linear"},
     "mlp": {**V01, "interaction_prior": "mlp"},
     "0.2": {"dose_response": "linear"},
+    "0.2 auto": {},  # today's defaults: Hill doses on this screen (recorded when introduced)
 }
 
 # (likelihood, architecture) -> values, with the parameters of _set_parameters; under the
@@ -56,6 +57,17 @@ RECORDED = {
         "treatment_ce": 1.637684,
         "similarity": -0.161147,
         "adversarial": 1.407618,
+        "discriminator_accuracy": 0.513228,
+    },
+    ("gaussian", "0.2 auto"): {
+        "loss": 1706.000854,
+        "nll_cell": 849.353821,
+        "kl_cell": 0.812063,
+        "aggregate_kl": 0.818074,
+        "covariate_ce": 1.311439,
+        "treatment_ce": 1.639621,
+        "similarity": -0.12354,
+        "adversarial": 1.406925,
         "discriminator_accuracy": 0.513228,
     },
     ("nb", "0.2"): {
