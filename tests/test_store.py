@@ -302,3 +302,25 @@ def test_store_with_python_names_trains_the_same(trained_pair):
         rtol=1e-5,
     )
     assert not _engine_built(store.obs_names)
+
+
+def test_axes_of_a_large_screen_are_chosen_on_a_subset(adata, store_path, monkeypatch):
+    """Beyond ALIGN_MAX_CELLS cells, the axes of z_tx are chosen on a seeded random subset,
+    read from the store like any inference."""
+    import fcr_tools._model as model_module
+
+    monkeypatch.setattr(model_module, "ALIGN_MAX_CELLS", 60)
+    seen = []
+    original = FCRModel.align_interaction_axes
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("indices"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FCRModel, "align_interaction_axes", spy)
+    model = _train(read_store(store_path), shrinkage=False)
+    (indices,) = seen
+    assert len(indices) == 60 and len(set(indices)) == 60
+    assert list(indices) == sorted(indices) and max(indices) < adata.n_obs
+    assert model.interaction_axes_ is not None
+    assert model.interaction_axes_["rotation"].shape == (2, 2)

@@ -55,17 +55,24 @@ def condition_covariances(
     """
     mean = np.asarray(mean, dtype=np.float64)
     var = np.asarray(var, dtype=np.float64)
+    d = mean.shape[1]
     _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    codes = codes.reshape(-1)
+    if not len(codes):
+        return np.zeros((0, d, d)), np.zeros(0)
+    # the cells of each condition as one slice of a single sort (no pass over all cells per
+    # condition: screens have thousands of conditions and millions of cells)
+    order = np.argsort(codes, kind="stable")
+    ends = np.cumsum(np.bincount(codes))
     covs, counts = [], []
-    for code in range(codes.max() + 1 if len(codes) else 0):
-        rows = codes == code
-        n = int(rows.sum())
+    for start, end in zip(np.concatenate([[0], ends[:-1]]), ends, strict=True):
+        n = int(end - start)
         if n < min_cells:
             continue
+        rows = order[start:end]
         centred = mean[rows] - mean[rows].mean(0)
         covs.append(centred.T @ centred / n + np.diag(var[rows].mean(0)))
         counts.append(n)
-    d = mean.shape[1]
     return np.asarray(covs, dtype=np.float64).reshape(-1, d, d), np.asarray(counts, float)
 
 

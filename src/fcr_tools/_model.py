@@ -122,6 +122,10 @@ _DDP_FIND_UNUSED = {
 # least INFERENCE_BATCH_SIZE
 INFERENCE_BATCH_SIZE = 1024
 INFERENCE_VALUES = 2**22
+# the most cells whose conditions choose the axes of z_tx at the end of training (a random
+# subset beyond it: per-condition covariances need no more, and the pass stays short on
+# screens of millions of cells)
+ALIGN_MAX_CELLS = 200_000
 # train() arguments the second training of fit_shrinkage does not repeat (a user's callbacks
 # and loggers belong to the model they were given for; the data split to its data)
 _NOT_REPEATED = ("callbacks", "logger", "strategy", "datasplitter_kwargs", "max_epochs")
@@ -647,8 +651,9 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         """Train the model.
 
         At its end (on one device), the axes in which z_tx is reported are chosen
-        (:meth:`align_interaction_axes`, minibatches of ``batch_size``), then, with
-        ``shrinkage``, how far predictions of unmeasured pairs shrink.
+        (:meth:`align_interaction_axes`, minibatches of ``batch_size``, on at most 200,000
+        cells drawn with the seed), then, with ``shrinkage``, how far predictions of
+        unmeasured pairs shrink.
 
         Parameters
         ----------
@@ -728,7 +733,7 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             logger.info("z_tx is reported in the module's own axes: trained on several devices.")
         else:
             try:  # in minibatches of the training's size, which the user chose for memory
-                self.align_interaction_axes(batch_size=batch_size)
+                self.align_interaction_axes(indices=self._alignment_cells(), batch_size=batch_size)
             except Exception as err:  # the model itself is trained: keep it, say what failed
                 warnings.warn(
                     f"Aligning the axes of z_tx failed ({type(err).__name__}: {err}); z_tx is "
@@ -911,6 +916,16 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
             f"{before:.3f} -> {after:.3f} nats per cell ({len(counts)} conditions)."
         )
         return rotation
+
+    def _alignment_cells(self) -> np.ndarray | None:
+        """All cells (``None``), or ``ALIGN_MAX_CELLS`` of them drawn with the seed, in order."""
+        import scvi
+
+        n_cells = self.adata.n_obs
+        if n_cells <= ALIGN_MAX_CELLS:
+            return None
+        rng = np.random.default_rng(scvi.settings.seed)
+        return np.sort(rng.choice(n_cells, ALIGN_MAX_CELLS, replace=False))
 
     def _reported(self, block: str, values: torch.Tensor) -> torch.Tensor:
         """A block's latents in the axes they are reported in (z_tx: its aligned axes)."""
