@@ -13,6 +13,7 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scvi
 import torch
 from scvi.data import AnnDataManager
 from scvi.data.fields import (
@@ -883,8 +884,6 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
         >>> record["total_correlation_aligned"] <= record["total_correlation"]
         True
         """
-        import scvi
-
         means, variances, conditions = [], [], []
         # the encoder's samples draw from torch's generator: leave its state as it was, so
         # that what follows (the shrinkage's training) is the same with or without this
@@ -919,8 +918,6 @@ class FCRModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     def _alignment_cells(self) -> np.ndarray | None:
         """All cells (``None``), or ``ALIGN_MAX_CELLS`` of them drawn with the seed, in order."""
-        import scvi
-
         n_cells = self.adata.n_obs
         if n_cells <= ALIGN_MAX_CELLS:
             return None
