@@ -81,6 +81,7 @@ def run(
     epochs: int | None = None,
     extra_folds: int = 0,
     model_kwargs: dict | None = None,
+    plan_kwargs: dict | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     adata, setup, default_epochs = TASKS[name]() if name in TASKS else EXTRA[name](seed)
     epochs = epochs or default_epochs
@@ -88,7 +89,9 @@ def run(
     control = setup.get("control_treatment", "control")
     train = adata[adata.obs["split"] == "train"].copy()
     # FCR's defaults: train() ends by choosing the weight (a second training, same settings)
-    model, seconds = train_fcr(train.copy(), setup, model_kwargs or {}, {}, epochs, seed)
+    model, seconds = train_fcr(
+        train.copy(), setup, model_kwargs or {}, dict(plan_kwargs or {}), epochs, seed
+    )
     record = model.shrinkage_
     registered = RegisteredSetup.from_registry(model.registry_)
     genes = model.get_var_names()
@@ -122,7 +125,9 @@ def run(
             pairs = internal_pairs(train_contexts, train_treatments, control, rng, used)
             if not pairs:
                 break
-            groups = held_out_groups(model, pairs, epochs, seed, enable_progress_bar=False)
+            groups = held_out_groups(
+                model, pairs, epochs, seed, plan_kwargs=plan_kwargs, enable_progress_bar=False
+            )
             num, den = least_squares_sums(groups)
             sums, used = [sums[0] + num, sums[1] + den], used + pairs
         pooled = least_squares_weight(sums=sums)
@@ -176,6 +181,13 @@ def main(argv=None):
         default={},
         help="experiment: FCRModel arguments other than the defaults, as JSON",
     )
+    parser.add_argument(
+        "--plan-kwargs",
+        type=json.loads,
+        default={},
+        help="experiment: training-plan arguments (loss weights, ...) other than the "
+        "defaults, as JSON (both trainings)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread per process; run seeds side by side
     if args.combine:
@@ -193,11 +205,14 @@ def main(argv=None):
         + f" --name {args.name}"
         + (f" --extra-folds {args.extra_folds}" if args.extra_folds else "")
         + (f" --model-kwargs '{json.dumps(args.model_kwargs)}'" if args.model_kwargs else "")
+        + (f" --plan-kwargs '{json.dumps(args.plan_kwargs)}'" if args.plan_kwargs else "")
     )
     results = []
     for seed in args.seeds:
         for task in args.tasks:
-            results.append(run(task, seed, args.epochs, args.extra_folds, args.model_kwargs))
+            results.append(
+                run(task, seed, args.epochs, args.extra_folds, args.model_kwargs, args.plan_kwargs)
+            )
             rows = pd.concat([r for r, _ in results], ignore_index=True)
             _write(args.name, command, rows, pd.DataFrame([i for _, i in results]))
 

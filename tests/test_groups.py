@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from fcr_tools._groups import group_index, group_mean, moment_matched, within_group_derangement
+from fcr_tools._groups import (
+    between_group_share,
+    group_index,
+    group_mean,
+    moment_matched,
+    within_group_derangement,
+)
 
 
 def _numpy_groups(*columns):
@@ -138,3 +144,39 @@ def test_within_group_derangement_all_singletons():
     partner, valid = within_group_derangement(torch.tensor([0, 1, 2]), 3)
     assert partner.tolist() == [0, 1, 2]
     assert not valid.any()
+
+
+def test_between_group_share_against_numpy():
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(40, 3)) + rng.normal(size=(4, 3))[np.arange(40) % 4]
+    groups = np.arange(40) % 4
+    explained = sum(
+        (groups == g).sum() * np.sum(values[groups == g].mean(0) ** 2) for g in range(4)
+    )
+    share = between_group_share(torch.as_tensor(values), torch.as_tensor(groups), 4)
+    assert share.item() == pytest.approx(explained / np.sum(values**2))
+    assert 0.0 < share.item() < 1.0
+
+
+def test_between_group_share_bounds_scale_and_zero_rows():
+    rng = np.random.default_rng(4)
+    groups = torch.as_tensor(np.arange(30) % 3)
+    equal = torch.as_tensor(rng.normal(size=(3, 2)))[groups]
+    assert between_group_share(equal, groups, 3).item() == pytest.approx(1.0)
+    values = torch.as_tensor(rng.normal(size=(30, 2)))
+    share = between_group_share(values, groups, 3)
+    # unchanged by a rescaling; rows of zeros in other (or empty) groups add nothing
+    assert between_group_share(7.5 * values, groups, 3).item() == pytest.approx(share.item())
+    padded = torch.cat([values, torch.zeros(10, 2)])
+    padded_groups = torch.cat([groups, torch.full((10,), 4)])
+    assert between_group_share(padded, padded_groups, 6).item() == pytest.approx(share.item())
+    zeros = between_group_share(torch.zeros(5, 2), torch.zeros(5, dtype=torch.long), 1)
+    assert zeros.item() == 0.0
+
+
+def test_between_group_share_is_chance_level_for_independent_rows():
+    rng = np.random.default_rng(5)
+    values = torch.as_tensor(rng.normal(size=(4000, 4)))
+    groups = torch.as_tensor(rng.integers(0, 40, 4000))
+    # about n_groups / n = 0.01 when the rows do not depend on their group
+    assert between_group_share(values, groups, 40).item() == pytest.approx(0.01, abs=0.004)

@@ -5,6 +5,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 from torch.nn import functional as F
 
+from fcr_tools._constants import TREATMENT_DOSE_KEY
 from fcr_tools._module import FCRModule, _permutation_bce, gaussian_kl
 from fcr_tools._objective import LOSS_TERMS
 from fcr_tools._pairing import FCRDataLoader
@@ -52,6 +53,7 @@ def test_loss_is_finite_with_all_metrics(module_and_batch):
         assert metrics[key] >= 0, key
     assert 0.0 <= metrics["discriminator_accuracy"] <= 1.0
     assert -2.0 <= metrics["similarity"] <= 2.0
+    assert 0.0 < metrics["x_invariance"] <= 1.0
     n = batch["X"].shape[0]
     assert out.reconstruction_loss["reconstruction_loss"].shape == (n,)
     assert out.kl_local["kl_local"].shape == (n,)
@@ -227,19 +229,26 @@ def _silent(module_part):
     return all(g is None or (g == 0).all() for g in _grads(module_part))
 
 
+def _backward_of_one_term(module, batch, weight: str, metrics: set[str]):
+    """Backward pass of the term of ``weight`` alone (every other weight 0)."""
+    only = {k: 0.0 for k in WEIGHTS} | {weight: 1.0}
+    module.zero_grad(set_to_none=True)
+    out = _loss(module, batch, **only)
+    assert set(out.extra_metrics) == {"nll_cell", "kl_cell", *metrics}
+    torch.testing.assert_close(out.loss, out.extra_metrics[WEIGHT_METRICS[weight][0]])
+    out.loss.backward()
+
+
+def _assert_silent(*parts):
+    for part in parts:
+        assert _silent(part)
+
+
 def test_adversarial_gradient_reaches_the_encoders(module_and_batch):
     module, batch = module_and_batch
-    only_adversarial = {k: 0.0 for k in WEIGHTS} | {"adversarial_weight": 1.0}
-    module.zero_grad(set_to_none=True)
-    out = _loss(module, batch, **only_adversarial)
-    assert set(out.extra_metrics) == {
-        "nll_cell",
-        "kl_cell",
-        "adversarial",
-        "discriminator_accuracy",
-    }
-    torch.testing.assert_close(out.loss, out.extra_metrics["adversarial"])
-    out.loss.backward()
+    _backward_of_one_term(
+        module, batch, "adversarial_weight", {"adversarial", "discriminator_accuracy"}
+    )
     for block in ("x", "t", "tx"):
         assert _has_signal(module.encoders[block]), block
     assert _has_signal(module.expression_encoder)
@@ -247,12 +256,35 @@ def test_adversarial_gradient_reaches_the_encoders(module_and_batch):
     # the encoder's loss reaches the prior networks too
     assert module.posterior == "residual" and _has_signal(module.priors)
     # nothing else in the objective: decoder and classifiers get no gradient
-    for part in (
+    _assert_silent(module.decoder, module.treatment_classifier, module.covariate_classifiers)
+
+
+def test_x_invariance_gradient_reaches_z_x_only(module_and_batch):
+    module, batch = module_and_batch
+    _backward_of_one_term(module, batch, "x_invariance_weight", {"x_invariance"})
+    # z_x's posterior mean: its encoder head and the shared expression layers (with residual
+    # posteriors the prior mean of z_x is the same for a cell and its partner, and cancels)
+    assert _has_signal(module.encoders["x"])
+    assert _has_signal(module.expression_encoder)
+    _assert_silent(
+        module.encoders["t"],
+        module.encoders["tx"],
+        module.priors["t"],
+        module.priors["tx"],
         module.decoder,
         module.treatment_classifier,
         module.covariate_classifiers,
-    ):
-        assert _silent(part)
+        module.discriminators,
+    )
+
+
+def test_x_invariance_is_zero_without_treated_cells(module_and_batch):
+    module, batch = module_and_batch
+    controls = dict(batch)
+    controls[TREATMENT_DOSE_KEY] = torch.zeros_like(batch[TREATMENT_DOSE_KEY])
+    out = _loss(module, controls)
+    assert out.extra_metrics["x_invariance"].item() == 0.0
+    assert torch.isfinite(out.loss)
 
 
 def test_without_adversarial_term_the_discriminators_get_no_gradient(module_and_batch):

@@ -35,6 +35,20 @@ def group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tor
     return sums / counts[:, None]
 
 
+def between_group_share(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Share of the sum of squares of ``values`` ``(n, d)`` that their group means explain.
+
+    ``sum_g n_g |mean_g|^2 / sum_i |v_i|^2``, in ``[0, 1]``: 1 when the rows of each group are
+    equal, about ``n_groups / n`` when the rows are independent of their group with mean
+    zero, and unchanged when ``values`` is rescaled. Rows of zeros add nothing; empty groups
+    are allowed.
+    """
+    sums = values.new_zeros(n_groups, values.shape[1]).index_add_(0, groups, values)
+    counts = torch.bincount(groups, minlength=n_groups).clamp(min=1).to(values.dtype)
+    explained = (sums.pow(2).sum(-1) / counts).sum()
+    return explained / values.pow(2).sum().clamp(min=1e-8)
+
+
 def moment_matched(
     mean: torch.Tensor, var: torch.Tensor, groups: torch.Tensor, n_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from ._constants import (
     TREATMENT_KEY,
     X_KEY,
 )
-from ._groups import group_index, moment_matched, within_group_derangement
+from ._groups import between_group_share, group_index, moment_matched, within_group_derangement
 from ._nn import (
     MLP,
     AdditiveDecoder,
@@ -535,7 +535,11 @@ class FCRModule(BaseModuleClass):
         loss = w.reconstruction_weight * rec_total.mean() + kl_weight * kl_total.mean()
         metrics = {"nll_cell": rec_cell.mean().detach(), "kl_cell": kl_cell.mean().detach()}
 
-        need_groups = w.aggregate_kl_weight > 0 or w.adversarial_weight > 0
+        need_groups = (
+            w.aggregate_kl_weight > 0
+            or w.adversarial_weight > 0
+            or (w.x_invariance_weight > 0 and paired)
+        )
         groups, n_groups = self._groups(out) if need_groups else (None, 0)
 
         if w.aggregate_kl_weight > 0:
@@ -572,6 +576,16 @@ class FCRModule(BaseModuleClass):
             sim = _masked_mean(sim, treated)
             loss = loss + w.similarity_weight * sim
             metrics["similarity"] = sim.detach()
+
+        if w.x_invariance_weight > 0 and paired:
+            # z_x holds the context, not the treatment: a treated cell's z_x minus its control
+            # partner's (same covariates) should not depend on the cell's condition
+            treated = (out["t_dose"][:b] > 0).any(-1, keepdim=True)
+            mean_x = out["qz_x"].loc
+            diff = (mean_x[:b] - mean_x[b:]) * treated
+            invariance = between_group_share(diff, groups[:b], n_groups)
+            loss = loss + w.x_invariance_weight * invariance
+            metrics["x_invariance"] = invariance.detach()
 
         if w.adversarial_weight > 0:
             logits, valid = self._stacked_permutation_logits(out, groups, n_groups, False)

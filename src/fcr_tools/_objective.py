@@ -93,6 +93,12 @@ class LossWeights:
     similarity_weight: float = _term(
         "Weight of the similarity term cos(z_t, z_t0) - cos(z_x, z_x0).", "similarity"
     )
+    x_invariance_weight: float = _term(
+        "Weight of the invariance of z_x to treatment: the share of the treated cells' z_x "
+        "differences from their control partners that their condition explains.",
+        "x_invariance",
+        default=0.3,
+    )
     adversarial_weight: float = _term(
         "Weight of the encoder's loss against the permutation discriminators.",
         "adversarial",
