@@ -567,8 +567,8 @@ class FCRModule(BaseModuleClass):
             loss = loss + w.treatment_classifier_weight * ce
             metrics["treatment_ce"] = ce.detach()
 
+        treated = (out["t_dose"][:b] > 0).any(-1)  # the cells that have a treatment
         if w.similarity_weight > 0 and paired:
-            treated = (out["t_dose"][:b] > 0).any(-1)
             mean_x, mean_t = out["qz_x"].loc, out["qz_t"].loc
             sim = F.cosine_similarity(mean_t[:b], mean_t[b:], dim=-1) - F.cosine_similarity(
                 mean_x[:b], mean_x[b:], dim=-1
@@ -580,9 +580,8 @@ class FCRModule(BaseModuleClass):
         if w.x_invariance_weight > 0 and paired:
             # z_x holds the context, not the treatment: a treated cell's z_x minus its control
             # partner's (same covariates) should not depend on the cell's condition
-            treated = (out["t_dose"][:b] > 0).any(-1, keepdim=True)
             mean_x = out["qz_x"].loc
-            diff = (mean_x[:b] - mean_x[b:]) * treated
+            diff = (mean_x[:b] - mean_x[b:]) * treated[:, None]
             invariance = between_group_share(diff, groups[:b], n_groups)
             loss = loss + w.x_invariance_weight * invariance
             metrics["x_invariance"] = invariance.detach()
