@@ -54,7 +54,7 @@ from identifiability import (
 from identifiability_signal import rotation_cost, simulator_laws
 
 from fcr_tools.data import simulate_screen
-from fcr_tools.metrics import mean_corr_coef
+from fcr_tools.metrics import block_r2, mean_corr_coef
 
 NAME = "identifiability_curve"
 TARGET = 0.5  # nats per cell of rotation cost that a screen should reach
@@ -147,6 +147,11 @@ def run_b(
         )
         blocks = {b: model.get_latent_representation(block=b) for b in BLOCKS}
         scores = score_blocks(blocks, adata)
+        # where the true z_tx went: how much of it the learned z_t holds, and all three
+        # learned blocks together (r2_tx is the learned z_tx alone)
+        true_tx = adata.obsm["z_tx_true"]
+        scores["r2_tx_from_t"] = block_r2(blocks["t"], true_tx)
+        scores["r2_tx_from_all"] = block_r2(np.hstack([blocks[b] for b in BLOCKS]), true_tx)
         # z_tx in the module's own axes (before the rotation that train() chose), and the
         # total correlation within conditions that the rotation removed
         axes = model.interaction_axes_
@@ -380,6 +385,8 @@ def main(argv=None):
                 "r2_x",
                 "r2_t",
                 "r2_tx",
+                "r2_tx_from_t",
+                "r2_tx_from_all",
                 "leak_x_to_t",
                 "leak_t_to_x",
                 "total_correlation",
@@ -424,7 +431,9 @@ def main(argv=None):
         "the axes that train() aligned: FCRModel.align_interaction_axes), against the true one "
         "on all cells; mcc_tx_module_axes: the same in the module's own axes (no rotation); "
         "total_correlation / _aligned: within conditions, nats per cell, before / after that "
-        f"rotation; r2 / leak as in identifiability.py. {ORACLE}: each cell's z_tx replaced "
+        "rotation; r2 / leak as in identifiability.py; r2_tx_from_t / r2_tx_from_all: the "
+        "same regression R2 of the true z_tx from the learned z_t / from all three learned "
+        f"blocks together. {ORACLE}: each cell's z_tx replaced "
         f"by the true conditional mean of its condition. {SUPERVISED}: identifiability.py's "
         "MLP shown the true latents (scored on 30% held-out cells). rotation_cost: part A's "
         "score of the same screens."

@@ -293,13 +293,53 @@ def _bare_step_ms(model, n_epochs: int = 3) -> float:
     return 1000 * (time.perf_counter() - start) / (n_epochs * len(batches))
 
 
+def _profile_one_epoch(model, n_steps: int, **train_kwargs):
+    """torch.profiler over ``n_steps`` training steps of one epoch, and the steps it saw.
+
+    The profile covers the training steps only, not what ``train()`` does after them (FCR's
+    alignment of z_tx's axes).
+    """
+    from lightning.pytorch.callbacks import Callback
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+
+    class _StepsOnly(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            prof.start()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            prof.stop()
+
+    model.train(
+        max_epochs=1,
+        enable_progress_bar=False,
+        train_size=1.0,
+        batch_size=256,
+        limit_train_batches=n_steps,
+        callbacks=[_StepsOnly()],
+        check_val_every_n_epoch=None,
+        **train_kwargs,
+    )
+    return prof, model.trainer.num_training_batches
+
+
+def _operations_per_step(prof, steps: int) -> dict:
+    """Linear layers (``aten::addmm`` calls, forward) and all aten operations per step."""
+    events = prof.key_averages()
+    aten = sum(e.count for e in events if e.key.startswith("aten::"))
+    addmm = sum(e.count for e in events if e.key == "aten::addmm")
+    return {"linear_layers_per_step": addmm / steps, "aten_operations_per_step": aten / steps}
+
+
 def profile_fcr(quick: bool, out: Path, n_steps: int = 20) -> dict:
     """torch.profiler table of FCR training steps on the demo screen, and the arithmetic share.
 
     The share is the bare step time (:func:`_bare_step_ms`) over the Lightning step time.
+    The operations per step of FCR and of scVI (the same width, depth and total latent size,
+    as in the timings) are counted on the same screen.
     """
     import scvi
-    from torch.profiler import ProfilerActivity, profile
 
     from fcr_tools import FCRModel
 
@@ -318,27 +358,38 @@ def profile_fcr(quick: bool, out: Path, n_steps: int = 20) -> dict:
     )
     steps = model.trainer.num_training_batches
     lightning_ms = 1000 * float(np.median(timer.times[1:])) / steps
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        model.train(
-            max_epochs=1,
-            enable_progress_bar=False,
-            train_size=1.0,
-            limit_train_batches=n_steps,
-            shrinkage=False,
-        )
+    prof, profiled_steps = _profile_one_epoch(model, n_steps, shrinkage=False)
     bare_ms = _bare_step_ms(model)
+    fcr_ops = _operations_per_step(prof, profiled_steps)
+
+    scvi.settings.seed = 0
+    scvi_data, _ = make_data("demo", quick)
+    scvi.model.SCVI.setup_anndata(scvi_data, layer="counts")
+    n_latent = sum(MODEL_KWARGS["demo"][f"n_latent_{b}"] for b in ("x", "t", "tx"))
+    scvi_model = scvi.model.SCVI(scvi_data, n_latent=n_latent, n_hidden=128, n_layers=2)
+    scvi_model.train(max_epochs=1, enable_progress_bar=False, train_size=1.0, batch_size=256)
+    scvi_prof, scvi_steps = _profile_one_epoch(scvi_model, n_steps)
+    scvi_ops = _operations_per_step(scvi_prof, scvi_steps)
+
     share = {
         "lightning_ms_per_step": lightning_ms,
         "bare_ms_per_step": bare_ms,
         "arithmetic_share": bare_ms / lightning_ms,
+        **{f"fcr_{k}": v for k, v in fcr_ops.items()},
+        **{f"scvi_{k}": v for k, v in scvi_ops.items()},
     }
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
     out.write_text(
         f"FCR training on the demo screen {adata.shape}, batch 256.\n"
         f"One step through Lightning (median epoch / steps): {lightning_ms:.1f} ms; the "
         f"model's own arithmetic (forward, backward, clipping, both Adam steps, no Lightning):"
-        f" {bare_ms:.1f} ms; arithmetic share {bare_ms / lightning_ms:.2f}.\n\n"
-        f"torch.profiler, {n_steps} steps through Lightning:\n\n{table}\n"
+        f" {bare_ms:.1f} ms; arithmetic share {bare_ms / lightning_ms:.2f}.\n"
+        f"Operations per step (torch.profiler, {profiled_steps} steps each): FCR "
+        f"{fcr_ops['linear_layers_per_step']:.0f} linear layers (forward), "
+        f"{fcr_ops['aten_operations_per_step']:.0f} aten operations; scVI of the same width, "
+        f"depth and latent size {scvi_ops['linear_layers_per_step']:.0f} and "
+        f"{scvi_ops['aten_operations_per_step']:.0f}.\n\n"
+        f"torch.profiler, {profiled_steps} FCR steps through Lightning:\n\n{table}\n"
     )
     return share
 
@@ -419,7 +470,11 @@ def main(argv=None):
                 f"results/speed_profile{suffix}.txt (demo screen): a Lightning step "
                 f"{share['lightning_ms_per_step']:.1f} ms, the model's own arithmetic "
                 f"{share['bare_ms_per_step']:.1f} ms (share "
-                f"{share['arithmetic_share']:.2f})."
+                f"{share['arithmetic_share']:.2f}); per step FCR runs "
+                f"{share['fcr_linear_layers_per_step']:.0f} linear layers and "
+                f"{share['fcr_aten_operations_per_step']:.0f} aten operations, scVI "
+                f"{share['scvi_linear_layers_per_step']:.0f} and "
+                f"{share['scvi_aten_operations_per_step']:.0f}."
             ),
             "profile": share,
         },
