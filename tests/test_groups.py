@@ -9,6 +9,7 @@ from fcr_tools._groups import (
     group_index,
     group_mean,
     moment_matched,
+    spread_share,
     within_group_derangement,
 )
 
@@ -180,3 +181,64 @@ def test_between_group_share_is_chance_level_for_independent_rows():
     groups = torch.as_tensor(rng.integers(0, 40, 4000))
     # about n_groups / n = 0.01 when the rows do not depend on their group
     assert between_group_share(values, groups, 40).item() == pytest.approx(0.01, abs=0.004)
+
+
+def _numpy_spread_share(values, groups, strata):
+    """spread_share written out with loops, for the test."""
+    spread = np.zeros_like(values)
+    usable = np.zeros(len(values), bool)
+    for g in np.unique(groups):
+        rows = groups == g
+        n = rows.sum()
+        if n > 1:
+            spread[rows] = (values[rows] - values[rows].mean(0)) ** 2 * n / (n - 1)
+            usable[rows] = True
+    contrast = np.zeros_like(values)
+    for s in np.unique(strata):
+        rows = (strata == s) & usable
+        if rows.any():
+            contrast[rows] = spread[rows] - spread[rows].mean(0)
+    explained = sum(
+        (groups == g).sum() * np.sum(contrast[groups == g].mean(0) ** 2) for g in np.unique(groups)
+    )
+    return explained / np.sum(contrast**2)
+
+
+def test_spread_share_against_numpy():
+    rng = np.random.default_rng(6)
+    groups = rng.integers(0, 12, 120)
+    groups[0] = 12  # a group of one row: left out
+    strata = groups % 3
+    scale = rng.uniform(0.3, 3.0, (13, 2))[groups]
+    values = rng.normal(size=(120, 2)) * scale + rng.normal(size=(13, 2))[groups]
+    share = spread_share(
+        torch.as_tensor(values), torch.as_tensor(groups), 13, torch.as_tensor(strata), 3
+    )
+    assert share.item() == pytest.approx(_numpy_spread_share(values, groups, strata))
+
+
+def test_spread_share_sees_spreads_that_differ_within_a_stratum_not_means():
+    rng = np.random.default_rng(7)
+    n, n_groups = 6000, 20
+    groups = torch.as_tensor(np.arange(n) % n_groups)
+    strata = groups // 5  # four strata of five groups
+    noise = torch.as_tensor(rng.normal(size=(n, 3)))
+    shifts = torch.as_tensor(rng.normal(scale=5.0, size=(n_groups, 3)))
+    # every group of a stratum spreads alike, whatever its mean: chance level (n_groups / n)
+    alike = noise * (1.0 + strata[:, None]) + shifts[groups]
+    share = spread_share(alike, groups, n_groups, strata, 4).item()
+    assert share == pytest.approx(n_groups / n, abs=0.01)
+    # groups of one stratum spread differently: far above chance (a squared deviation varies
+    # much from row to row, so the share stays well below 1); a rescaling changes nothing
+    scales = torch.as_tensor(rng.uniform(0.2, 3.0, (n_groups, 3)))
+    differ = noise * scales[groups] + shifts[groups]
+    share = spread_share(differ, groups, n_groups, strata, 4)
+    assert share.item() > 10 * n_groups / n
+    rescaled = spread_share(4.0 * differ, groups, n_groups, strata, 4)
+    assert rescaled.item() == pytest.approx(share.item())
+
+
+def test_spread_share_of_groups_of_one_is_zero():
+    values = torch.randn(5, 2, dtype=torch.float64)
+    groups = torch.arange(5)
+    assert spread_share(values, groups, 5, torch.zeros(5, dtype=torch.long), 1).item() == 0.0

@@ -54,6 +54,7 @@ def test_loss_is_finite_with_all_metrics(module_and_batch):
     assert 0.0 <= metrics["discriminator_accuracy"] <= 1.0
     assert -2.0 <= metrics["similarity"] <= 2.0
     assert 0.0 < metrics["x_invariance"] <= 1.0
+    assert 0.0 < metrics["t_invariance"] <= 1.0
     n = batch["X"].shape[0]
     assert out.reconstruction_loss["reconstruction_loss"].shape == (n,)
     assert out.kl_local["kl_local"].shape == (n,)
@@ -271,6 +272,27 @@ def test_x_invariance_gradient_reaches_z_x_only(module_and_batch):
         module.encoders["tx"],
         module.priors["t"],
         module.priors["tx"],
+        module.decoder,
+        module.treatment_classifier,
+        module.covariate_classifiers,
+        module.discriminators,
+    )
+
+
+def test_t_invariance_gradient_reaches_z_t_only(module_and_batch):
+    module, batch = module_and_batch
+    _backward_of_one_term(module, batch, "t_invariance_weight", {"t_invariance"})
+    # z_t's posterior mean around its condition's mean: its encoder head, the shared
+    # expression layers and the dose curve its head reads; with residual posteriors the prior
+    # mean of z_t is the same for every cell of a condition and cancels (to rounding)
+    assert _has_signal(module.encoders["t"])
+    assert _has_signal(module.expression_encoder)
+    head = max(g.abs().max().item() for g in _grads(module.encoders["t"]) if g is not None)
+    prior = max((g.abs().max().item() for g in _grads(module.priors) if g is not None), default=0)
+    assert prior < 1e-5 * head
+    _assert_silent(
+        module.encoders["x"],
+        module.encoders["tx"],
         module.decoder,
         module.treatment_classifier,
         module.covariate_classifiers,

@@ -47,13 +47,15 @@ def test_the_terms_are_the_fields_of_loss_weights():
         "treatment_classifier_weight",
         "similarity_weight",
         "x_invariance_weight",
+        "t_invariance_weight",
         "adversarial_weight",
     ]
     assert LossWeights().as_kwargs() == {t.weight: t.default for t in LOSS_TERMS}
     assert all(t.doc.startswith("Weight of ") for t in LOSS_TERMS)
-    # every weight 1 but the invariance of z_x (0.3, chosen on the benchmarks)
+    # every weight 1 but the invariances of z_x (0.3) and z_t (3), chosen on the benchmarks
     assert {t.weight: t.default for t in LOSS_TERMS if t.default != 1.0} == {
-        "x_invariance_weight": 0.3
+        "x_invariance_weight": 0.3,
+        "t_invariance_weight": 3.0,
     }
 
 

@@ -49,6 +49,43 @@ def between_group_share(values: torch.Tensor, groups: torch.Tensor, n_groups: in
     return explained / values.pow(2).sum().clamp(min=1e-8)
 
 
+def spread_share(
+    values: torch.Tensor,
+    groups: torch.Tensor,
+    n_groups: int,
+    strata: torch.Tensor,
+    n_strata: int,
+) -> torch.Tensor:
+    """Share of the variation of ``values``' spread within groups that the groups explain.
+
+    Each row's squared deviation from its group's mean, times ``n / (n - 1)`` for a group of
+    ``n`` rows (so that groups of different sizes compare; rows of groups of one are left
+    out), is centred on the mean of its stratum (each group lies in one stratum), and the
+    result is :func:`between_group_share` of that over the groups: about ``n_groups / n``
+    when every group of a stratum spreads alike, up to 1 when the spread of each row is
+    that of its group and the groups of a stratum differ. Unchanged when ``values`` is
+    rescaled.
+
+    Parameters
+    ----------
+    values
+        ``(n, d)``.
+    groups, n_groups
+        Group of each row, as :func:`group_index` gives them.
+    strata, n_strata
+        Stratum of each row; rows of one group share it.
+    """
+    counts = torch.bincount(groups, minlength=n_groups).to(values.dtype)[groups]
+    usable = (counts > 1).to(values.dtype)
+    centred = values - group_mean(values, groups, n_groups)[groups]
+    scale = usable * counts / (counts - 1).clamp(min=1)
+    spread = centred.pow(2) * scale[:, None]
+    sums = spread.new_zeros(n_strata, spread.shape[1]).index_add_(0, strata, spread)
+    n_usable = spread.new_zeros(n_strata).index_add_(0, strata, usable)
+    typical = sums / n_usable.clamp(min=1)[:, None]
+    return between_group_share((spread - typical[strata]) * usable[:, None], groups, n_groups)
+
+
 def moment_matched(
     mean: torch.Tensor, var: torch.Tensor, groups: torch.Tensor, n_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,13 @@ from ._constants import (
     TREATMENT_KEY,
     X_KEY,
 )
-from ._groups import between_group_share, group_index, moment_matched, within_group_derangement
+from ._groups import (
+    between_group_share,
+    group_index,
+    moment_matched,
+    spread_share,
+    within_group_derangement,
+)
 from ._nn import (
     MLP,
     AdditiveDecoder,
@@ -539,6 +545,7 @@ class FCRModule(BaseModuleClass):
             w.aggregate_kl_weight > 0
             or w.adversarial_weight > 0
             or (w.x_invariance_weight > 0 and paired)
+            or w.t_invariance_weight > 0
         )
         groups, n_groups = self._groups(out) if need_groups else (None, 0)
 
@@ -585,6 +592,14 @@ class FCRModule(BaseModuleClass):
             invariance = between_group_share(diff, groups[:b], n_groups)
             loss = loss + w.x_invariance_weight * invariance
             metrics["x_invariance"] = invariance.detach()
+
+        if w.t_invariance_weight > 0:
+            # z_t's law depends on the treatment alone: within a (treatment, dose), the
+            # spread of z_t around its condition's mean should be alike in every context
+            strata, n_strata = group_index(out["t_idx"], out["t_dose"])
+            invariance = spread_share(out["qz_t"].loc, groups, n_groups, strata, n_strata)
+            loss = loss + w.t_invariance_weight * invariance
+            metrics["t_invariance"] = invariance.detach()
 
         if w.adversarial_weight > 0:
             logits, valid = self._stacked_permutation_logits(out, groups, n_groups, False)

@@ -99,6 +99,13 @@ class LossWeights:
         "x_invariance",
         default=0.3,
     )
+    t_invariance_weight: float = _term(
+        "Weight of the invariance of z_t to the covariates: the share of the spread of z_t "
+        "around its condition's mean, compared within each (treatment, dose), that the "
+        "covariates explain.",
+        "t_invariance",
+        default=3.0,
+    )
     adversarial_weight: float = _term(
         "Weight of the encoder's loss against the permutation discriminators.",
         "adversarial",
